@@ -1,0 +1,1 @@
+"""Optional integrations with the PyTorch ecosystem (timm, torchvision, smp)."""

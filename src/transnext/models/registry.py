@@ -1,0 +1,222 @@
+"""Variant definitions, published-weights metadata, and the ``create_model`` entry point.
+
+Model code carries no config framework: each variant is a dict of constructor arguments, and
+each published checkpoint is a :class:`Weights` record that code (``create_model``, timm
+registration, ``transnext info``) and docs all read.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .transnext import TransNeXt
+
+__all__ = ["VARIANTS", "WEIGHTS", "Weights", "create_model", "get_weights", "list_models", "list_pretrained"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_COMMON = dict(mlp_ratios=(8, 8, 4, 4), qkv_bias=True)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "transnext_micro": dict(
+        embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2),
+        sr_ratios=(8, 4, 2, 1), window_size=(3, 3, 3, None), **_COMMON,
+    ),
+    "transnext_tiny": dict(
+        embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24), depths=(2, 2, 15, 2),
+        sr_ratios=(8, 4, 2, 1), window_size=(3, 3, 3, None), **_COMMON,
+    ),
+    "transnext_small": dict(
+        embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24), depths=(5, 5, 22, 5),
+        sr_ratios=(8, 4, 2, 1), window_size=(3, 3, 3, None), **_COMMON,
+    ),
+    "transnext_base": dict(
+        embed_dims=(96, 192, 384, 768), num_heads=(4, 8, 16, 32), depths=(5, 5, 23, 5),
+        sr_ratios=(8, 4, 2, 1), window_size=(3, 3, 3, None), **_COMMON,
+    ),
+    "transnext_micro_aaaa": dict(
+        embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2),
+        sr_ratios=(16, 8, 4, 2), window_size=(3, 3, 3, 3), **_COMMON,
+    ),
+}
+
+# Published stochastic-depth rates of the ImageNet-1K recipe (SPEC section 7).
+DROP_PATH_RATES = {
+    "transnext_micro": 0.15, "transnext_tiny": 0.25, "transnext_small": 0.45, "transnext_base": 0.6,
+    "transnext_micro_aaaa": 0.15,
+}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One published checkpoint and everything needed to use it."""
+
+    variant: str
+    tag: str
+    hf_hub_id: str
+    filename: str
+    img_size: int
+    pretrain_size: int
+    top1: float
+    params_m: float
+    gflops: float
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_classes: int = 1000
+    robustness: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}.{self.tag}"
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.hf_hub_id}/resolve/main/{self.filename}"
+
+    @property
+    def transforms(self) -> dict[str, Any]:
+        """Evaluation preprocessing (SPEC section 7): resize short side to size/crop_pct + centre crop
+        below 384; a plain resize to size x size at 384 and above."""
+        return dict(
+            input_size=(3, self.img_size, self.img_size), interpolation=self.interpolation,
+            crop_pct=self.crop_pct, crop_mode=self.crop_mode, mean=self.mean, std=self.std,
+        )
+
+
+def _w(variant: str, tag: str, hub: str, fname: str, size: int, pre: int, top1: float, params: float,
+       gflops: float, **kw: Any) -> Weights:
+    crop = dict(crop_pct=1.0, crop_mode="squash") if size >= 384 else {}
+    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, top1, params, gflops, **crop, **kw)
+
+
+def _robust(a: float, r: float, sketch: float, v2: float, c: float) -> dict[str, float]:
+    return {"imagenet_a": a, "imagenet_r": r, "imagenet_sketch": sketch, "imagenet_v2": v2, "imagenet_c_mce": c}
+
+
+WEIGHTS: dict[str, Weights] = {
+    w.name: w
+    for w in (
+        _w("transnext_micro", "in1k", "transnext-micro-224-1k", "transnext_micro_224_1k.pth", 224, 224, 82.5, 12.8, 2.7,
+           robustness=_robust(29.9, 45.8, 33.0, 72.6, 50.8)),
+        _w("transnext_tiny", "in1k", "transnext-tiny-224-1k", "transnext_tiny_224_1k.pth", 224, 224, 84.0, 28.2, 5.7,
+           robustness=_robust(39.9, 49.6, 37.6, 73.8, 46.5)),
+        _w("transnext_small", "in1k", "transnext-small-224-1k", "transnext_small_224_1k.pth", 224, 224, 84.7, 49.7, 10.3,
+           robustness=_robust(47.1, 52.5, 39.7, 74.8, 43.9)),
+        _w("transnext_base", "in1k", "transnext-base-224-1k", "transnext_base_224_1k.pth", 224, 224, 84.8, 89.7, 18.4,
+           robustness=_robust(50.6, 53.9, 41.4, 75.1, 43.5)),
+        _w("transnext_small", "in1k_384", "transnext-small-384-1k-ft-1k", "transnext_small_384_1k_ft_1k.pth",
+           384, 224, 86.0, 49.7, 32.1, robustness={"imagenet_a": 58.3}),
+        _w("transnext_base", "in1k_384", "transnext-base-384-1k-ft-1k", "transnext_base_384_1k_ft_1k.pth",
+           384, 224, 86.2, 89.7, 56.3, robustness={"imagenet_a": 61.6}),
+        _w("transnext_micro_aaaa", "in1k", "transnext-micro-AAAA-256-1k", "transnext_micro_AAAA_256_1k.pth",
+           256, 256, 82.6, 13.1, 3.3),
+    )
+}
+
+DEFAULT_TAG = {v: "in1k" for v in VARIANTS}
+
+
+def _canonical(name: str) -> str:
+    prefix = "transnext_micro_aaaa"  # the published name spells it transnext_micro_AAAA
+    if name.lower().startswith(prefix):
+        return prefix + name[len(prefix):]
+    return name
+
+
+def _unknown(name: str, choices: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown model {name!r}{hint} Available: {', '.join(choices)}")
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """'transnext_small.in1k_384' -> ('transnext_small', 'in1k_384'); aliases resolved."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    name = _canonical(name)
+    variant, _, tag = name.partition(".")
+    if variant.endswith("_384") and variant[:-4] in VARIANTS and not tag:
+        variant, tag = variant[:-4], "in1k_384"
+    if variant not in VARIANTS:
+        raise _unknown(name, list_models() + list_pretrained())
+    if tag and f"{variant}.{tag}" not in WEIGHTS:
+        raise _unknown(name, list_pretrained())
+    return variant, tag or None
+
+
+def get_weights(name: str) -> Weights:
+    """Weights record of ``variant`` or ``variant.tag`` (default tag: the 224/256 ImageNet-1K run)."""
+    variant, tag = split_name(name)
+    return WEIGHTS[f"{variant}.{tag or DEFAULT_TAG[variant]}"]
+
+
+def list_models() -> list[str]:
+    return sorted(VARIANTS)
+
+
+def list_pretrained() -> list[str]:
+    return sorted(WEIGHTS)
+
+
+def build_model(variant: str, **kwargs: Any) -> TransNeXt:
+    """Construct an architecture variant with no weights loaded (kwargs override the config)."""
+    cfg = dict(VARIANTS[variant])
+    cfg.update(kwargs)
+    return TransNeXt(**cfg)
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    num_classes: int = 1000,
+    img_size: int | tuple[int, int] | None = None,
+    pretrain_size: int | tuple[int, int] | None = None,
+    pos_bias: str = "extrapolate",
+    fixed_pool_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> TransNeXt:
+    """Build a TransNeXt model, optionally with published or local weights.
+
+    Args:
+        name: a variant (``transnext_tiny``) or a variant with a weights tag
+            (``transnext_small.in1k_384``); ``transnext_micro_AAAA`` is accepted as an alias.
+        pretrained: download the published checkpoint (Hugging Face hub) and load it.
+        checkpoint_path: load this local file instead (``.pth``/``.pt``/``.bin``/``.safetensors``).
+        num_classes: classifier size; a checkpoint head of another size is dropped with a warning.
+        img_size / pretrain_size: default from the weights record (224; micro_aaaa 256; the 384
+            fine-tunes 384 / 224). Inputs of any size are accepted regardless.
+        pos_bias: ``"extrapolate"`` (default) or ``"interpolate"``.
+        fixed_pool_size: linear inference mode with a fixed PxP pooled key grid.
+        drop_path_rate: stochastic depth (0 for inference; see ``DROP_PATH_RATES`` for training).
+        **kwargs: further ``TransNeXt`` arguments (``attn_backend``, ``in_chans``, ...).
+    """
+    variant, _ = split_name(name)
+    weights = get_weights(name)
+    model = build_model(
+        variant,
+        num_classes=num_classes,
+        img_size=img_size if img_size is not None else weights.img_size,
+        pretrain_size=pretrain_size if pretrain_size is not None else weights.pretrain_size,
+        pos_bias=pos_bias,
+        fixed_pool_size=fixed_pool_size,
+        drop_path_rate=drop_path_rate,
+        **kwargs,
+    )
+    model.pretrained_cfg = weights
+    if pretrained and checkpoint_path is None:
+        from ..checkpoints import download_weights
+
+        checkpoint_path = download_weights(weights)
+    if checkpoint_path is not None:
+        from ..checkpoints import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path)
+    return model

@@ -1,0 +1,691 @@
+"""TransNeXt: Robust Foveal Visual Perception for Vision Transformers (Dai Shi, CVPR 2024).
+
+One model definition for classification and dense prediction. Module and parameter names follow
+the published checkpoints (``patch_embed{n}``, ``block{n}.{j}``, ``norm{n}``, ``head``), so those
+load without renaming. Every size-dependent table is computed from the actual input size at run
+time (see :mod:`transnext.models.geometry`), in one of three position-bias modes:
+
+* ``"extrapolate"``: the bias MLP is evaluated on the actual grid, coordinates normalised by the
+  pretraining grid;
+* ``"interpolate"``: the bias is evaluated on the ``img_size`` grid and resized bilinearly;
+* ``fixed_pool_size=P`` (either mode): linear inference mode, a fixed PxP pooled key grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from .geometry import StageGeometry, build_cpb_table
+
+__all__ = ["TransNeXt", "AggregatedAttention", "FullAttention", "ConvGLU", "Block", "PatchEmbed"]
+
+PosBias = Literal["extrapolate", "interpolate"]
+POS_BIAS_MODES = ("extrapolate", "interpolate")
+Size = tuple[int, int]
+
+
+def _pair(v: int | Sequence[int]) -> Size:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or an (H, W) pair, got {v}")
+    return v
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping patch embedding: strided Conv2d, then LayerNorm (eps 1e-5) over channels."""
+
+    def __init__(self, in_chans: int, embed_dim: int, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride, padding=kernel_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), H, W
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise convolution on a token sequence laid out over an HxW grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        B, N, C = x.shape
+        x = self.dwconv(x.transpose(1, 2).reshape(B, C, H, W))
+        return x.flatten(2).transpose(1, 2)
+
+
+class ConvGLU(nn.Module):
+    """Convolutional GLU: fc1 -> [gate | value]; fc2(GELU(dwconv(gate)) * value)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(2 * int(dim * mlp_ratio) / 3)
+        self.fc1 = nn.Linear(dim, hidden * 2)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        x = self.drop(self.act(self.dwconv(gate, H, W)) * value)
+        return self.drop(self.fc2(x))
+
+
+class _CosineAttentionBase(nn.Module):
+    """Shared parts: temperature, query embedding and the continuous position bias MLP."""
+
+    cpb_fc1: nn.Linear
+    cpb_fc2: nn.Linear
+
+    def _init_shared(self, dim: int, num_heads: int) -> None:
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        # softplus(temperature) = 1 / 0.24 at initialisation
+        self.temperature = nn.Parameter(torch.log((torch.ones(num_heads, 1, 1) / 0.24).exp() - 1))
+        self.query_embedding = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_heads, 1, self.head_dim), std=0.02))
+        self._bias_cache: dict = {}
+
+    def _bias_params(self) -> tuple[Tensor, ...]:
+        return (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
+
+    def _compute_position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+        coords, index_y, index_x = geom.cpb_inputs(dtype, device)
+        table = self.cpb_fc2(F.relu(self.cpb_fc1(coords)))  # (Uy*Ux, h)
+        uy, ux = geom.cpb.y.values.numel(), geom.cpb.x.values.numel()
+        table = table.t().reshape(self.num_heads, uy, ux)
+        (qh, kh), (qw, kw) = index_y.shape, index_x.shape
+        bias = table[:, index_y.reshape(-1)].reshape(self.num_heads, qh, kh, ux)
+        bias = bias[..., index_x.reshape(-1)].reshape(self.num_heads, qh, kh, qw, kw)
+        if not geom.interpolate:
+            return bias.permute(0, 1, 3, 2, 4).reshape(self.num_heads, qh * qw, kh * kw)
+        # Trained-grid bias resized to the actual grid: key axes first, then query axes.
+        H, W = geom.size
+        ph, pw = geom.key_size
+        bias = bias.permute(0, 1, 3, 2, 4).reshape(self.num_heads, qh * qw, kh, kw)
+        bias = F.interpolate(bias, size=(ph, pw), mode="bilinear", align_corners=False)
+        bias = bias.reshape(self.num_heads, qh, qw, ph * pw).permute(0, 3, 1, 2)
+        bias = F.interpolate(bias, size=(H, W), mode="bilinear", align_corners=False)
+        return bias.reshape(self.num_heads, ph * pw, H * W).transpose(1, 2)
+
+    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(h, N, Nk) bias; cached per size while the MLP cannot change (no grad, same weights)."""
+        params = self._bias_params()
+        if _is_tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self._compute_position_bias(geom, dtype, device)
+        # The version counters change on every in-place update (optimizer step, load_state_dict).
+        key = (geom.size, geom.key_size, geom.interpolate, geom.cpb.query, geom.cpb.key, dtype, device,
+               tuple((p.data_ptr(), p._version) for p in params))
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            self._bias_cache.clear()  # one size at a time: keeps memory bounded
+            bias = self._bias_cache[key] = self._compute_position_bias(geom, dtype, device)
+        return bias
+
+    def _scale_query(self, q: Tensor, geom: StageGeometry) -> Tensor:
+        scale = geom.length_scale(q.dtype, q.device)
+        return (q + self.query_embedding) * F.softplus(self.temperature) * scale
+
+
+class AggregatedAttention(_CosineAttentionBase):
+    """Pixel-focused local window attention and pooled global keys under one softmax."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 3,
+        sr_ratio: int = 2,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if window_size % 2 != 1:
+            raise ValueError(f"window_size must be odd, got {window_size}")
+        self._init_shared(dim, num_heads)
+        self.window_size = window_size
+        self.sr_ratio = sr_ratio
+        self.local_len = window_size**2
+        self.attn_backend = attn_backend
+        self.relative_pos_bias_local = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(num_heads, self.local_len), std=0.0004)
+        )
+        self.learnable_tokens = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(num_heads, self.head_dim, self.local_len), std=0.02)
+        )
+        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, self.local_len))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+        self.cpb_fc1 = nn.Linear(2, 512, bias=True)
+        self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
+
+    def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = F.normalize(self.q(x).reshape(B, N, h, d).transpose(1, 2), dim=-1)
+        q_scaled = self._scale_query(q, geom)
+        kv = self.kv(x).reshape(B, N, 2, h, d)
+        k = F.normalize(kv[:, :, 0], dim=-1).transpose(1, 2)
+        v = kv[:, :, 1].transpose(1, 2)
+
+        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.transpose(1, 2).reshape(B, C, H, W))), geom.pool)
+        pooled = self.norm(pooled.flatten(2).transpose(1, 2))
+        Np = pooled.shape[1]
+        kv_pool = self.kv(pooled).reshape(B, Np, 2, h, d)
+        k_pool = F.normalize(kv_pool[:, :, 0], dim=-1).transpose(1, 2)
+        v_pool = kv_pool[:, :, 1].transpose(1, 2)
+
+        out = ops.aggregated_attention(
+            q, q_scaled, k, v, k_pool, v_pool,
+            self.relative_pos_bias_local,
+            self.position_bias(geom, x.dtype, x.device),
+            self.learnable_tokens,
+            self.learnable_bias,
+            geom.padding_mask(x.device),
+            (H, W),
+            self.window_size,
+            self.attn_drop,
+            self.training,
+            self.attn_backend,
+        )
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class FullAttention(_CosineAttentionBase):
+    """Multi-head cosine attention over all tokens (stages with sr_ratio 1)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_shared(dim, num_heads)
+        self.attn_backend = attn_backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.cpb_fc1 = nn.Linear(2, 512, bias=True)
+        self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
+
+    def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q_scaled = self._scale_query(F.normalize(q, dim=-1), geom)
+        out = ops.full_attention(
+            q_scaled, F.normalize(k, dim=-1), v, self.position_bias(geom, x.dtype, x.device),
+            self.attn_drop, self.training, self.attn_backend,
+        )
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: token mixer, then Convolutional GLU."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        sr_ratio: int,
+        window_size: int | None,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        attn_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if sr_ratio > 1:
+            self.attn = AggregatedAttention(
+                dim, num_heads, window_size or 3, sr_ratio, qkv_bias, attn_drop, drop, attn_backend
+            )
+        else:
+            self.attn = FullAttention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvGLU(dim, mlp_ratio, drop)
+
+    def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W, geom))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class TransNeXt(nn.Module):
+    """TransNeXt backbone and classifier; accepts any input size at run time.
+
+    Args:
+        img_size: reference size: the grid of the position bias in ``"interpolate"`` mode and the
+            default input size of the pretrained config. Inputs of any size are accepted.
+        pretrain_size: size the position-bias coordinates are normalised by (defaults to
+            ``img_size``; 224 for the 384 fine-tunes).
+        pos_bias: ``"extrapolate"`` or ``"interpolate"`` (see module docstring).
+        fixed_pool_size: linear inference mode with a fixed PxP pooled grid (``None``: off).
+        attn_backend: ops backend name (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        pretrain_size: int | Sequence[int] | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        num_heads: Sequence[int] = (1, 2, 4, 8),
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        depths: Sequence[int] = (3, 4, 6, 3),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        window_size: Sequence[int | None] = (3, 3, 3, None),
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        pos_bias: PosBias = "extrapolate",
+        fixed_pool_size: int | None = None,
+        attn_backend: str | None = None,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if pos_bias not in POS_BIAS_MODES:
+            raise ValueError(f"pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if fixed_pool_size is not None and (not isinstance(fixed_pool_size, int) or fixed_pool_size < 1):
+            raise ValueError(f"fixed_pool_size must be a positive int or None, got {fixed_pool_size!r}")
+        if attn_backend is not None:
+            ops.resolve_backend(attn_backend, "cpu")  # validate the name early
+        self.num_stages = len(depths)
+        self.img_size = _pair(img_size)
+        self.pretrain_size = _pair(pretrain_size) if pretrain_size is not None else self.img_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dims = tuple(embed_dims)
+        self.sr_ratios = tuple(sr_ratios)
+        self.window_size = tuple(window_size)
+        self.pos_bias = pos_bias
+        self.fixed_pool_size = fixed_pool_size
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dims[-1]
+        self.grad_checkpointing = False
+        for i in range(self.num_stages):
+            grid = (self.pretrain_size[0] // 2 ** (i + 2), self.pretrain_size[1] // 2 ** (i + 2))
+            if min(grid) < 2:
+                raise ValueError(
+                    f"pretrain_size {self.pretrain_size} gives a {grid} grid at stage {i + 1}; the position "
+                    "bias needs at least 2 per axis (pretrain_size >= 64)"
+                )
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        cur = 0
+        self.feature_info = []
+        for i in range(self.num_stages):
+            embed = PatchEmbed(
+                in_chans if i == 0 else self.embed_dims[i - 1],
+                self.embed_dims[i],
+                kernel_size=7 if i == 0 else 3,
+                stride=4 if i == 0 else 2,
+            )
+            blocks = nn.ModuleList(
+                Block(
+                    self.embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_size[i], qkv_bias,
+                    drop_rate, attn_drop_rate, dpr[cur + j], attn_backend,
+                )
+                for j in range(depths[i])
+            )
+            setattr(self, f"patch_embed{i + 1}", embed)
+            setattr(self, f"block{i + 1}", blocks)
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(self.embed_dims[i], eps=1e-6))
+            cur += depths[i]
+            self.feature_info.append(
+                dict(num_chs=self.embed_dims[i], reduction=2 ** (i + 2), module=f"norm{i + 1}")
+            )
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._geometry_cache: dict = {}
+        self.apply(self._init_weights)
+
+    # ------------------------------------------------------------------ initialisation
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ sizes and tables
+    def stage_grids(self, size: Size) -> list[Size]:
+        """Feature-map size of each stage for an input of ``size`` = (H, W)."""
+        h, w = size
+        grids = []
+        for i in range(self.num_stages):
+            k, s = (7, 4) if i == 0 else (3, 2)
+            h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+            grids.append((h, w))
+        return grids
+
+    def _pool_grid(self, stage: int, grid: Size) -> Size | None:
+        sr = self.sr_ratios[stage]
+        if sr == 1:
+            return None
+        if self.fixed_pool_size is not None:
+            return (self.fixed_pool_size, self.fixed_pool_size)
+        return (grid[0] // sr, grid[1] // sr)
+
+    def min_input_size(self) -> int:
+        """Smallest square input every stage accepts."""
+        for s in range(1, 4097):
+            try:
+                self.check_input_size((s, s))
+                return s
+            except ValueError:
+                continue
+        raise RuntimeError("no valid input size below 4096")  # unreachable for real configs
+
+    def check_input_size(self, size: Size) -> None:
+        """Raise ValueError with the reason if an input of ``size`` cannot run."""
+        H, W = size
+        for i, grid in enumerate(self.stage_grids((H, W))):
+            if min(grid) < 1:
+                raise ValueError(f"input {H}x{W} is too small: stage {i + 1} would have an empty feature map")
+            sr = self.sr_ratios[i]
+            if sr == 1:
+                continue
+            if self.fixed_pool_size is not None:
+                if self.fixed_pool_size > min(grid):
+                    raise ValueError(
+                        f"fixed_pool_size={self.fixed_pool_size} is larger than the stage {i + 1} feature map "
+                        f"{grid[0]}x{grid[1]} (input {H}x{W}); use fixed_pool_size <= {min(grid)} or a larger input"
+                    )
+            elif min(grid) < sr:
+                raise ValueError(
+                    f"input {H}x{W} is too small: stage {i + 1} feature map {grid[0]}x{grid[1]} is smaller than "
+                    f"its sr_ratio {sr}, so the pooled key grid would be empty; the minimum input is "
+                    f"{self.min_input_size()}x{self.min_input_size()}"
+                )
+
+    @torch.compiler.disable
+    def _build_geometry(self, stage: int, grid: Size) -> StageGeometry:
+        pool = self._pool_grid(stage, grid)
+        scale = 2 ** (stage + 2)
+        pretrain = (self.pretrain_size[0] // scale, self.pretrain_size[1] // scale)
+        interpolate = self.pos_bias == "interpolate"
+        if interpolate:
+            query = (self.img_size[0] // scale, self.img_size[1] // scale)
+            if pool is None:
+                key = query
+            elif self.fixed_pool_size is not None:
+                key = pool
+            else:
+                key = (query[0] // self.sr_ratios[stage], query[1] // self.sr_ratios[stage])
+            if min(key) < 1:
+                raise ValueError(f"img_size {self.img_size} is too small for the interpolated bias of stage {stage + 1}")
+        else:
+            query, key = grid, pool if pool is not None else grid
+        return StageGeometry(
+            size=grid,
+            pool=pool,
+            window=(self.window_size[stage] or 3) if pool is not None else None,
+            cpb=build_cpb_table(query, key, pretrain),
+            interpolate=interpolate,
+            float32_full_scale=interpolate,  # the reference dense backbone rounds ln(N) to float32
+        )
+
+    def stage_geometry(self, stage: int, grid: Size) -> StageGeometry:
+        key = (stage, grid)
+        geom = self._geometry_cache.get(key)
+        if geom is None:
+            if len(self._geometry_cache) >= 32:  # bounded: many sizes in one process stay cheap
+                self._geometry_cache.clear()
+            geom = self._geometry_cache[key] = self._build_geometry(stage, grid)
+        return geom
+
+    def set_pos_bias(self, pos_bias: PosBias | None = None, fixed_pool_size: int | None | str = "keep") -> None:
+        """Switch position-bias mode and/or linear mode in place (weights are unaffected)."""
+        if pos_bias is not None:
+            if pos_bias not in POS_BIAS_MODES:
+                raise ValueError(f"pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
+            self.pos_bias = pos_bias
+        if fixed_pool_size != "keep":
+            self.fixed_pool_size = fixed_pool_size
+        self._geometry_cache.clear()
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels (B, {self.in_chans}, H, W), got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}); channels-last images need x.permute(0, 3, 1, 2)"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point image tensor, got {x.dtype}; convert with x.float() "
+                "(and normalise, e.g. with transnext.data transforms)"
+            )
+        if not _is_tracing():
+            self.check_input_size((int(x.shape[2]), int(x.shape[3])))
+
+    def _run_stage(self, i: int, x: Tensor) -> tuple[Tensor, int, int]:
+        x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
+        geom = self.stage_geometry(i, (H, W))
+        for blk in getattr(self, f"block{i + 1}"):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, H, W, geom, use_reentrant=False)
+            else:
+                x = blk(x, H, W, geom)
+        x = getattr(self, f"norm{i + 1}")(x)
+        return x, H, W
+
+    @staticmethod
+    def _to_map(x: Tensor, H: int, W: int) -> Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normed last-stage tokens (B, N, C)."""
+        self._check_input(x)
+        for i in range(self.num_stages):
+            x, H, W = self._run_stage(i, x)
+            if i != self.num_stages - 1:
+                x = self._to_map(x, H, W)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs (after each stage's LayerNorm, which is part of the architecture).
+
+        ``indices``: None = all stages; an int n = the last n stages; a sequence = those stages
+        (negative indices count from the end). ``norm`` is accepted for timm compatibility: the
+        stage norms are always applied. ``output_fmt``: "NCHW" or "NHWC".
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take = self._stage_indices(indices)
+        self._check_input(x)
+        intermediates = []
+        last = max(take) if (stop_early or intermediates_only) else self.num_stages - 1
+        for i in range(last + 1):
+            x, H, W = self._run_stage(i, x)
+            if i in take:
+                fmap = self._to_map(x, H, W)
+                intermediates.append(fmap if output_fmt == "NCHW" else fmap.permute(0, 2, 3, 1))
+            if i != self.num_stages - 1:
+                x = self._to_map(x, H, W)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        n = self.num_stages
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices}: expected 1..{n} (the last n stages)")
+            return list(range(n - indices, n))
+        out = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(f"stage index {i} out of range for {n} stages")
+            out.append(j)
+        return sorted(set(out))
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last needed one (and the head); returns the kept indices."""
+        take = self._stage_indices(indices)
+        for i in range(max(take) + 1, self.num_stages):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
+                delattr(self, name)
+        self.num_stages = max(take) + 1
+        self.feature_info = self.feature_info[: self.num_stages]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # ------------------------------------------------------------------ timm conventions
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        device = self.patch_embed1.proj.weight.device
+        dtype = self.patch_embed1.proj.weight.dtype
+        if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+            self._init_weights(self.head)
+        else:
+            self.head = nn.Identity()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names excluded from weight decay besides 1-D tensors and biases (SPEC section 6)."""
+        return {n for n, _ in self.named_parameters() if any(k in n for k in self.no_weight_decay_keywords())}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"query_embedding", "relative_pos_bias_local", "cpb", "temperature"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^patch_embed1",
+            blocks=r"^(?:patch_embed|norm)(\d+)" if coarse else [
+                (r"^block(\d+)\.(\d+)", None),
+                (r"^(?:patch_embed|norm)(\d+)", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def set_attn_backend(self, backend: str | None) -> None:
+        """Select the attention ops backend for every layer (``None``/``"auto"`` = automatic)."""
+        if backend is not None:
+            ops.resolve_backend(backend, "cpu")
+        for m in self.modules():
+            if isinstance(m, _CosineAttentionBase):
+                m.attn_backend = backend
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups with the published no-weight-decay rules (SPEC section 6)."""
+    keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keywords):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
+

@@ -1,0 +1,63 @@
+"""Reference backend: the plain unfold formulation of Aggregated Attention (SPEC section 4).
+
+Kept deliberately straightforward: it is the baseline every other backend is tested and
+benchmarked against, so it must not be optimised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def aggregated_attention(
+    q: Tensor,
+    q_scaled: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    local_bias: Tensor,
+    pool_bias: Tensor,
+    learnable_tokens: Tensor,
+    learnable_bias: Tensor,
+    padding_mask: Tensor,
+    size: tuple[int, int],
+    window: int,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    B, h, N, d = q.shape
+    H, W = size
+    L = window * window
+    Np = k_pool.shape[2]
+    # Unfold normalised keys and values into (B, h, N, d, L) windows: 9x copies of k and v.
+    kv_map = torch.cat([k, v], dim=1).transpose(-1, -2).reshape(B, 2 * h * d, H, W)
+    unfolded = F.unfold(kv_map, window, padding=window // 2, stride=1)
+    k_local, v_local = unfolded.reshape(B, 2 * h, d, L, N).permute(0, 1, 4, 2, 3).chunk(2, dim=1)
+
+    attn_local = (q_scaled.unsqueeze(-2) @ k_local).squeeze(-2) + local_bias.unsqueeze(1)
+    attn_local = attn_local.masked_fill(padding_mask, float("-inf"))
+    attn_pool = q_scaled @ k_pool.transpose(-2, -1) + pool_bias
+
+    attn = torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1)
+    attn = F.dropout(attn, attn_drop, training)
+    attn_local, attn_pool = torch.split(attn, [L, Np], dim=-1)
+
+    weights = q @ learnable_tokens + learnable_bias + attn_local
+    x_local = (weights.unsqueeze(-2) @ v_local.transpose(-2, -1)).squeeze(-2)
+    return x_local + attn_pool @ v_pool
+
+
+def full_attention(
+    q_scaled: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    attn = (q_scaled @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+    attn = F.dropout(attn, attn_drop, training)
+    return attn @ v
