@@ -1,0 +1,1 @@
+"""The ``transnext`` command-line tool."""
