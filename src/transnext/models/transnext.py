@@ -494,7 +494,9 @@ class TransNeXt(nn.Module):
         )
 
     def stage_geometry(self, stage: int, grid: Size) -> StageGeometry:
-        key = (stage, grid)
+        # Everything the tables depend on is in the key, so changing a mode attribute never
+        # serves a stale table.
+        key = (stage, grid, self.pos_bias, self.fixed_pool_size, self.img_size, self.pretrain_size)
         geom = self._geometry_cache.get(key)
         if geom is None:
             if len(self._geometry_cache) >= 32:  # bounded: many sizes in one process stay cheap
