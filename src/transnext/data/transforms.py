@@ -1,0 +1,58 @@
+"""Training and evaluation transforms, built with timm (the recipe of SPEC section 7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["build_eval_transform", "build_train_transform", "eval_crop"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_crop(img_size: int, crop_pct: float | None = None) -> tuple[float, str]:
+    """Published evaluation rule: below 384 resize the short side to size/0.875 and centre-crop;
+    at 384 and above resize straight to size x size."""
+    if crop_pct is None:
+        return (0.875, "center") if img_size < 384 else (1.0, "squash")
+    return crop_pct, "center"
+
+
+def build_train_transform(
+    img_size: int,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    interpolation: str = "bicubic",
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Any], Any]:
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+        color_jitter=color_jitter, auto_augment=auto_augment or None, interpolation=interpolation,
+        mean=tuple(mean), std=tuple(std), re_prob=re_prob, re_mode=re_mode, re_count=1,
+    )
+
+
+def build_eval_transform(
+    img_size: int,
+    crop_pct: float | None = None,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_mode: str | None = None,
+) -> Callable[[Any], Any]:
+    from timm.data import create_transform
+
+    pct, mode = eval_crop(img_size, crop_pct)
+    return create_transform(
+        input_size=img_size, is_training=False, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+        crop_pct=pct, crop_mode=crop_mode or mode,
+    )
