@@ -494,6 +494,9 @@ class TransNeXt(nn.Module):
         )
 
     def stage_geometry(self, stage: int, grid: Size) -> StageGeometry:
+        # Plain ints: under tracing (TorchScript-based ONNX export) sizes can arrive as 0-dim
+        # tensors, which would miss the cache and trace the table construction into the graph.
+        grid = (int(grid[0]), int(grid[1]))
         # Everything the tables depend on is in the key, so changing a mode attribute never
         # serves a stale table.
         key = (stage, grid, self.pos_bias, self.fixed_pool_size, self.img_size, self.pretrain_size)
