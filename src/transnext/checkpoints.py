@@ -1,17 +1,24 @@
 """Reading, writing and converting TransNeXt checkpoints.
 
 Loading never executes pickled code: ``.pth`` files go through ``torch.load(weights_only=True)``
-and ``.safetensors`` through safetensors. Writing is atomic (temporary file, fsync, rename), so an
-interrupted save never destroys the previous file.
+and ``.safetensors`` through safetensors. A ``.pth`` file that needs arbitrary Python objects to be
+unpickled is refused with an error saying which object. Writing is atomic (temporary file, fsync,
+rename), so an interrupted save never destroys the previous file.
+
+Accepted layouts: a bare state dict, or a training checkpoint with the state dict under ``model``,
+``state_dict``, ``model_ema`` or ``module``; keys may carry a ``module.`` prefix (DataParallel /
+DDP). Key names are those of the published checkpoints (SPEC section 6), which are also the names
+of :class:`~transnext.models.TransNeXt`, so no renaming is needed.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +42,10 @@ __all__ = [
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
+# Non-persistent tables some exports carry; they are recomputed from the input size.
+_SIZE_TABLES = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
+# Plain containers of training metadata that are safe to rebuild (no code runs for them).
+_SAFE_GLOBALS = (argparse.Namespace,)
 
 
 class CheckpointError(RuntimeError):
@@ -52,9 +63,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+        except OSError:  # pragma: no cover - directories cannot be opened on some platforms
+            return path
         try:
             os.fsync(dir_fd)
+        except OSError:  # pragma: no cover
+            pass
         finally:
             os.close(dir_fd)
     except BaseException:
@@ -68,7 +84,11 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix.lower() in SAFETENSORS_SUFFIXES
 
 
-def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
     """Find the state dict inside a training checkpoint ({'model': sd, ...}) or a bare one."""
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
@@ -76,83 +96,123 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
             if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
                 obj = inner
                 break
-        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
         if tensors:
-            return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+            return _strip_prefix(tensors)
     raise CheckpointError(
-        f"{path}: no state dict found (expected a mapping of parameter names to tensors, bare or under "
-        f"one of {', '.join(repr(k) for k in _WRAPPER_KEYS)})"
+        f"{source}: no state dict found (expected a mapping of parameter names to tensors, bare or under "
+        f"one of {', '.join(repr(k) for k in _WRAPPER_KEYS)}; got {type(obj).__name__})"
     )
 
 
+def _refusal(path: Path, err: Exception) -> CheckpointError:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    what = f"the Python object {found.group(1)!r}" if found else "Python objects beyond tensors"
+    return CheckpointError(
+        f"{path}: refused to load: unpickling the file needs {what}, and loading arbitrary pickled "
+        "objects can execute code. Expected a state dict of tensors (bare or under 'model'/'state_dict'); "
+        "if you trust the file, re-save only its state dict, or convert it to .safetensors in a trusted "
+        "environment."
+    )
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # pragma: no cover - torch < 2.5
+        return torch.load(path, map_location=map_location, weights_only=True)
+    with safe_globals(list(_SAFE_GLOBALS)):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Read the tensors of a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file, safely."""
+    """Read the tensors of a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file, safely.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is empty, truncated, corrupt, holds no state dict, or needs
+            arbitrary pickled objects (refused).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     if _is_safetensors(path):
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "weights_only" in str(e):
+            return _strip_prefix(load_file(str(path), device=str(map_location)))
+        except Exception as e:  # SafetensorError, OSError, ValueError, ... depending on the damage
             raise CheckpointError(
-                f"{path}: refused to load: the file contains pickled Python objects beyond tensors, and loading "
-                "them could execute arbitrary code. Re-save only the state dict (or convert it to .safetensors "
-                f"in a trusted environment). Details: {str(e).splitlines()[0]}"
+                f"{path}: not a readable safetensors file (truncated or corrupt?): {type(e).__name__}: {e}"
             ) from e
+    try:
+        obj = _torch_load(path, map_location)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise _refusal(path, e) from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    return _unwrap(obj, path)
+    except Exception as e:  # RuntimeError (zip), EOFError, KeyError (garbage), ...
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {detail}"
+        ) from e
+    return _unwrap(obj, str(path))
+
+
+def _head_size(model: nn.Module) -> tuple[int, ...] | None:
+    head = getattr(model, "head", None)
+    return tuple(head.weight.shape) if isinstance(head, nn.Linear) else None
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Adapt a reference (or wrapped) state dict to ``model``.
 
-    Strips ``module.`` prefixes and unwraps ``{'model': ...}``; drops the non-persistent tables
-    some exports carry (position index/coordinates, masks, length scales); drops a classifier
-    head whose size differs from the model's, with a warning.
+    Unwraps ``{'model': ...}`` / ``{'state_dict': ...}`` and strips ``module.`` prefixes; drops the
+    non-persistent size tables some exports carry (position index/coordinates, masks, length
+    scales); drops a classifier head whose size differs from the model's (or that the model does
+    not have), with a warning. Usable as timm's ``pretrained_filter_fn``.
     """
-    if "model" in state_dict or "state_dict" in state_dict:
-        state_dict = _unwrap(state_dict, Path("<state dict>"))
+    if any(k in state_dict for k in ("model", "state_dict")) and not all(isinstance(v, Tensor) for v in state_dict.values()):
+        state_dict = _unwrap(state_dict, "<state dict>")
     out = {}
-    skip = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
-    for k, v in state_dict.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
-        if any(s in k.rsplit(".", 1)[-1] or k.startswith(s) for s in skip):
+    for k, v in _strip_prefix(state_dict).items():
+        if k.rsplit(".", 1)[-1] in _SIZE_TABLES:
             continue
         out[k] = v
-    head = getattr(model, "head", None)
     head_w = out.get("head.weight")
     if head_w is not None:
-        want = head.weight.shape if isinstance(head, nn.Linear) else None
-        if want != head_w.shape:
-            got_n = head_w.shape[0]
-            want_n = want[0] if want is not None else 0
-            warnings.warn(
-                f"checkpoint classifier has {got_n} classes, the model {want_n}: the head is not loaded "
-                "(it keeps its fresh initialisation)",
-                stacklevel=3,
-            )
+        want = _head_size(model)
+        if want != tuple(head_w.shape):
+            if want is not None:  # a head-less backbone drops the classifier silently
+                warnings.warn(
+                    f"the checkpoint classifier has {head_w.shape[0]} classes, the model {want[0]}: the head "
+                    "is not loaded (it keeps its fresh initialisation)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             out.pop("head.weight", None)
             out.pop("head.bias", None)
     return out
 
 
-def _shorten(items: list[str], limit: int = 8) -> str:
+def _shorten(items: list[str], limit: int = 6) -> str:
     if len(items) <= limit:
         return ", ".join(items)
     return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
+
+
+def _check_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        counts = []
+        for k in bad[:3]:
+            v = state_dict[k]
+            counts.append(f"{k}: {int(v.isnan().sum())} NaN, {int(v.isinf().sum())} Inf of {v.numel()}")
+        raise CheckpointError(
+            f"{source}: non-finite weights (NaN/Inf) in {len(bad)} tensor(s): {_shorten(bad)} [{'; '.join(counts)}]. "
+            "Expected finite values; the checkpoint probably comes from a diverged run or is damaged."
+        )
 
 
 def load_checkpoint(
@@ -163,50 +223,64 @@ def load_checkpoint(
 ) -> dict[str, list[str]]:
     """Load weights from ``path`` into ``model``.
 
-    Strict by default: missing, unexpected and shape-mismatched keys raise one error listing
-    each kind. Weights containing NaN or Inf are refused. Returns the dict of missing /
-    unexpected keys (empty lists when strict).
+    Strict by default: missing, unexpected and shape-mismatched keys raise one
+    :class:`CheckpointError` listing each kind. A classifier head of another size is dropped
+    with a warning (the model keeps its own). Weights containing NaN or Inf are refused. With
+    ``strict=False`` whatever fits is loaded and mismatched tensors are skipped.
+
+    Returns:
+        ``{"missing_keys": [...], "unexpected_keys": [...], "mismatched_keys": [...]}``.
     """
     path = Path(path)
-    state_dict = load_state_dict(path)
+    raw = load_state_dict(path)
+    return load_state_dict_into(model, raw, str(path), strict=strict, filter_fn=filter_fn)
+
+
+def load_state_dict_into(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source: str = "<state dict>",
+    strict: bool = True,
+    filter_fn: Callable[[Mapping[str, Tensor], nn.Module], dict[str, Tensor]] | None = checkpoint_filter_fn,
+) -> dict[str, list[str]]:
+    """:func:`load_checkpoint` for a state dict already in memory (``source`` names it in errors)."""
+    had_head = "head.weight" in state_dict or "module.head.weight" in state_dict
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
+    state_dict = dict(state_dict)
+    _check_finite(state_dict, source)
     own = model.state_dict()
-    bad_values = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad_values:
-        raise CheckpointError(f"{path}: non-finite values (NaN/Inf) in {_shorten(bad_values)}")
-    missing = [k for k in own if k not in state_dict]
+    dropped_head = had_head and "head.weight" not in state_dict
+    missing = [k for k in own if k not in state_dict and not (dropped_head and k.startswith("head."))]
     unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if strict:
-        # A head dropped by the filter is expected to be missing.
-        dropped_head = "head.weight" not in state_dict and "head.weight" in own
-        missing_strict = [k for k in missing if not (dropped_head and k.startswith("head."))]
-        if missing_strict or unexpected or mismatched:
-            parts = []
-            if missing_strict:
-                parts.append(f"missing keys ({len(missing_strict)}): {_shorten(missing_strict)}")
-            if unexpected:
-                parts.append(f"unexpected keys ({len(unexpected)}): {_shorten(unexpected)}")
-            if mismatched:
-                parts.append(f"shape mismatches ({len(mismatched)}): {_shorten(mismatched)}")
-            raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(parts))
-    else:
-        for k in [m.split(" ", 1)[0] for m in mismatched]:
-            state_dict.pop(k)
+    mismatched = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_shorten(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_shorten(unexpected)}")
+        if mismatched:
+            shown = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})" for k in mismatched]
+            parts.append(f"shape mismatches ({len(mismatched)}): {_shorten(shown, 4)}")
+        hint = ""
+        if mismatched or len(missing) > len(own) // 2:
+            hint = " (is it a checkpoint of another variant?)"
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}{hint}: " + "; ".join(parts))
+    for k in mismatched:
+        state_dict.pop(k)
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=False)
-    return {"missing_keys": missing, "unexpected_keys": unexpected}
+    return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched}
 
 
-def save_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_state_dict(
+    state_dict: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Write tensors atomically as ``.safetensors`` (by suffix) or a bare ``.pth`` state dict."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    # Own, contiguous CPU copies: safetensors refuses tensors that share storage.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
@@ -215,18 +289,39 @@ def save_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike, m
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Convert between ``.pth`` and ``.safetensors`` (direction by suffix); tensors unchanged."""
+    """Convert between ``.pth`` and ``.safetensors`` (direction by suffix); tensors unchanged.
+
+    Wrapped training checkpoints are reduced to their state dict (``module.`` prefixes stripped).
+    """
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"source and destination are the same file: {src}")
     state_dict = load_state_dict(src)
-    return save_state_dict(state_dict, dst, metadata={"format": "pt", "source": Path(src).name})
+    return save_state_dict(state_dict, dst, metadata={"format": "pt", "source": src.name})
 
 
-def download_weights(weights: Weights, cache_dir: str | None = None) -> str:
-    """Fetch a published checkpoint through huggingface_hub (honours HF_HOME / HF_HUB_OFFLINE)."""
+def download_weights(weights: Weights, cache_dir: str | os.PathLike | None = None) -> str:
+    """Fetch a published checkpoint through huggingface_hub; returns the local path.
+
+    Honours the hub's cache and environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``):
+    a file already in the cache is used without network access.
+    """
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "pretrained=True needs huggingface_hub: pip install 'transnext[hub]' "
-            f"(or download {weights.url} and pass checkpoint_path=)"
+            f"(or download {weights.url} yourself and pass checkpoint_path=)"
         ) from e
-    return hf_hub_download(repo_id=weights.hf_hub_id, filename=weights.filename, cache_dir=cache_dir)
+    try:
+        return hf_hub_download(
+            repo_id=weights.hf_hub_id, filename=weights.filename,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+        )
+    except Exception as e:
+        # Offline without a cached copy, no network, hub errors: say what to do instead.
+        raise CheckpointError(
+            f"could not fetch {weights.filename} of {weights.name} from the Hugging Face hub "
+            f"({weights.hf_hub_id}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"Download {weights.url} and pass checkpoint_path=, or allow network access."
+        ) from e

@@ -1,0 +1,91 @@
+"""Parameter and multiply-add counts, measured with ``torch.utils.flop_counter`` on the meta device.
+
+Convention (the one that reproduces the published GFLOPs, SPEC section 1): one multiply-add
+counts once; matrix products and convolutions are counted (``FlopCounterMode`` reports two FLOPs
+per multiply-add, halved here); the local window attention is counted in its matrix-product
+(reference) form; the position-bias MLP is evaluated as in every training forward pass, not
+served from the inference cache. Element-wise work (softmax, GELU, LayerNorm, pooling) is not
+counted. Counting runs on a meta-device copy, so it allocates no weights and takes seconds even
+for the largest variant.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Complexity", "count_params", "measure"]
+
+
+@dataclass(frozen=True)
+class Complexity:
+    """Measured size and cost of a model at one input size."""
+
+    params: int
+    macs: int
+    input_size: tuple[int, int]
+    by_op: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def params_m(self) -> float:
+        return self.params / 1e6
+
+    @property
+    def gflops(self) -> float:
+        """Multiply-adds in units of 1e9 (the 'GFLOPs' of the paper's tables)."""
+        return self.macs / 1e9
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure(
+    model: nn.Module | str,
+    input_size: int | tuple[int, int] | None = None,
+    include_position_bias: bool = True,
+    **create_kwargs,
+) -> Complexity:
+    """Parameters and multiply-adds of ``model`` (an instance or a model name) for one image.
+
+    Args:
+        model: a :class:`~transnext.models.TransNeXt` (left untouched; a meta copy is measured)
+            or a name for :func:`transnext.create_model` (with ``create_kwargs``).
+        input_size: (H, W) or a square size; default: the model's ``img_size``.
+        include_position_bias: count the bias MLP (as in training and in the reference
+            forward pass); ``False`` gives the cost of a cached-inference forward.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if isinstance(model, str):
+        from ..models import create_model
+
+        try:  # no weights at all where the constructor supports the meta device
+            with torch.device("meta"):
+                model = create_model(model, **create_kwargs)
+        except (NotImplementedError, RuntimeError):
+            model = create_model(model, **create_kwargs).to("meta")
+    else:
+        model = copy.deepcopy(model).to("meta")
+    model.eval()
+    if hasattr(model, "set_attn_backend"):
+        model.set_attn_backend("reference")  # the local window as matrix products
+    if input_size is None:
+        input_size = tuple(model.img_size)
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device="meta")
+    counter = FlopCounterMode(display=False)
+    # With gradients enabled the bias MLP is evaluated in the forward pass (never cached);
+    # otherwise a first, uncounted pass fills the inference cache.
+    for p in model.parameters():
+        p.requires_grad_(include_position_bias)
+    if not include_position_bias:
+        with torch.no_grad():
+            model(x)
+    with torch.set_grad_enabled(include_position_bias), counter:
+        model(x)
+    by_op = {str(k).split(".")[1] if "." in str(k) else str(k): v // 2 for k, v in counter.get_flop_counts()["Global"].items()}
+    return Complexity(count_params(model), counter.get_total_flops() // 2, size, by_op)
