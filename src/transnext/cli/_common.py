@@ -31,7 +31,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     import torch
 
     from ..engine.distributed import _pick_device
-    from ..engine.modeling import build_model, model_from_checkpoint
+    from ..engine.modeling import build_model, check_image_size, model_from_checkpoint
     from ..models import get_weights
 
     device = _pick_device(args.device, 0)
@@ -66,7 +66,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     if args.interpolation:
         data_cfg["interpolation"] = args.interpolation
     size = int(data_cfg["img_size"])
-    model.check_input_size((size, size))
+    check_image_size(model, size)
     model.to(device).eval()
     torch.set_grad_enabled(False)
     return model, dict(data_cfg, classes=info.get("classes")), device

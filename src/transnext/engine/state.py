@@ -70,6 +70,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from e
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain data "
             f"(not a transnext training checkpoint?): {str(e).splitlines()[0]}"

@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     from ..data import SeededDataset, ShardSampler, build_train_sampler, collate_skip
     from ..models import DROP_PATH_RATES, param_groups_weight_decay
     from ..models.registry import split_name
-    from .modeling import build_model
+    from .modeling import build_model, check_image_size
 
     t_start = time.perf_counter()
     device = info.device
@@ -259,7 +259,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         checkpoint_path=cfg.initial_checkpoint if ck is None else None,
     )
     arch = model.arch
-    model.check_input_size((cfg.img_size, cfg.img_size))
+    check_image_size(model, cfg.img_size)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
