@@ -475,6 +475,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 last_val = evaluate(model, val_loader, device, amp if amp != "fp16" else "fp16", None, info, show,
                                     "validate", cfg.channels_last)
                 record.update({f"val_{k}": v for k, v in last_val.items() if k in ("top1", "top5", "loss")})
+                record["val_images"] = last_val["n"]
                 improved = last_val["top1"] > best
                 if improved:
                     best = last_val["top1"]
@@ -511,5 +512,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         "final": last_val, "epochs": cfg.epochs, "global_step": global_step, "time_s": time.perf_counter() - t_start,
         "classes": data.classes, "skipped_images": skipped_total,
     }
-    log.write({"event": "end", "global_step": global_step, "time_s": summary["time_s"], "best_top1": best if best > -math.inf else None})
+    end: dict[str, Any] = {"event": "end", "global_step": global_step, "time_s": summary["time_s"],
+                           "best_top1": best if best > -math.inf else None}
+    if info.distributed:  # every process must hold the same weights after synchronised steps
+        with torch.no_grad():
+            digest = float(sum(p.double().abs().sum() for p in model.parameters()))
+        digests = all_gather_object(digest, info)
+        end["replica_digests"] = digests
+        summary["replicas_in_sync"] = end["replicas_in_sync"] = max(digests) == min(digests)
+    log.write(end)
     return summary
