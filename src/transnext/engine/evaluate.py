@@ -150,7 +150,7 @@ def _class_map(root: Path, benchmark: str, num_classes: int, classes: Sequence[s
                 f"{root}: ImageNet-V2 class folders are named by class index 0..{num_classes - 1}; found {', '.join(bad[:5])}"
             )
         return {f: int(f) for f in folders}, None
-    if benchmark in ("imagenet-a", "imagenet-r", "imagenet-sketch") or (benchmark == "folder" and num_classes == 1000 and folders and all(f in wnid_idx for f in folders)):
+    if benchmark in ("imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-c") or (benchmark == "folder" and num_classes == 1000 and folders and all(f in wnid_idx for f in folders)):
         if num_classes != 1000:
             raise ValueError(f"{benchmark} needs a 1000-class ImageNet model; this model has {num_classes} outputs")
         unknown = [f for f in folders if f not in wnid_idx]

@@ -49,18 +49,11 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
     path = str(path)
     if path.endswith(".safetensors"):
-        load_state_dict(path)  # validates the file
-        return {}
-    import pickle
-    import zipfile
+        head = load_state_dict(path).get("head.weight")
+        return {"head_classes": int(head.shape[0])} if head is not None else {}
+    from .state import safe_torch_load
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError):
-        load_state_dict(path)  # raises the detailed CheckpointError
-        raise
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     info = {k: obj[k] for k in ("arch", "classes", "data_cfg", "metrics", "epoch") if k in obj}

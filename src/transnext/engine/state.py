@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoints import CheckpointError, atomic_write
 
-__all__ = ["capture_rng_state", "load_training_checkpoint", "restore_rng_state", "save_training_checkpoint"]
+__all__ = ["capture_rng_state", "load_training_checkpoint", "restore_rng_state", "safe_torch_load", "save_training_checkpoint"]
 
 FORMAT = "transnext-train-v1"
 
@@ -57,27 +57,34 @@ def save_training_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> 
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_training_checkpoint` (safely, weights only)."""
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with one clear error per failure kind."""
     import pickle
     import zipfile
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the checkpoint file is empty")
+        raise CheckpointError(f"{path}: the {what} file is empty")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0][:200]
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from e
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from e
         raise CheckpointError(
-            f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain data "
-            f"(not a transnext training checkpoint?): {str(e).splitlines()[0]}"
+            f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain data, and loading "
+            f"them could run arbitrary code (re-save only the weights): {first}"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_training_checkpoint` (safely, weights only)."""
+    path = Path(path)
+    ck = safe_torch_load(path, "checkpoint to resume from")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a transnext training checkpoint (no '{FORMAT}' marker); to start from a weights file "
