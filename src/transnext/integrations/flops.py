@@ -58,25 +58,38 @@ def measure(
         include_position_bias: count the bias MLP (as in training and in the reference
             forward pass); ``False`` gives the cost of a cached-inference forward.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if isinstance(model, str):
         from ..models import create_model
 
-        try:  # no weights at all where the constructor supports the meta device
-            with torch.device("meta"):
-                model = create_model(model, **create_kwargs)
-        except (NotImplementedError, RuntimeError):
-            model = create_model(model, **create_kwargs).to("meta")
+        def build(device: str) -> nn.Module:
+            if device == "meta":
+                try:  # no weights at all where the constructor supports the meta device
+                    with torch.device("meta"):
+                        return create_model(model, **create_kwargs)
+                except (NotImplementedError, RuntimeError):
+                    pass
+            return create_model(model, **create_kwargs).to(device)
     else:
-        model = copy.deepcopy(model).to("meta")
+        def build(device: str) -> nn.Module:
+            return copy.deepcopy(model).to(device)
+
+    try:
+        return _measure(build("meta"), input_size, include_position_bias, "meta")
+    except (NotImplementedError, RuntimeError):
+        # Some kernels have no meta implementation: count with real (CPU) tensors instead.
+        return _measure(build("cpu"), input_size, include_position_bias, "cpu")
+
+
+def _measure(model: nn.Module, input_size, include_position_bias: bool, device: str) -> Complexity:
+    from torch.utils.flop_counter import FlopCounterMode
+
     model.eval()
     if hasattr(model, "set_attn_backend"):
         model.set_attn_backend("reference")  # the local window as matrix products
     if input_size is None:
         input_size = tuple(model.img_size)
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device="meta")
+    x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device=device)
     counter = FlopCounterMode(display=False)
     # With gradients enabled the bias MLP is evaluated in the forward pass (never cached);
     # otherwise a first, uncounted pass fills the inference cache.

@@ -1,0 +1,47 @@
+"""``transnext convert IN OUT``: between ``.pth`` and ``.safetensors`` (direction by suffix).
+
+Training checkpoints are reduced to their state dict (``{'model': ...}`` unwrapped, ``module.``
+prefixes stripped); files that would need arbitrary pickled objects are refused. ``--variant``
+also checks that the result loads strictly into that architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="IN", help="input checkpoint (.pth/.pt/.bin or .safetensors)")
+    parser.add_argument("dst", metavar="OUT", help="output file (.safetensors, or .pth for a bare state dict)")
+    parser.add_argument("--variant", metavar="NAME",
+                        help="check that the weights load strictly into this variant (e.g. transnext_tiny)")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..checkpoints import convert_checkpoint, load_checkpoint, load_state_dict
+
+    import sys
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.force:
+        print(f"transnext convert: error: {dst} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    if args.variant:
+        from ..models.registry import create_model
+
+        model = create_model(args.variant, num_classes=_num_classes(load_state_dict(args.src)))
+        load_checkpoint(model, args.src)  # raises with the list of problems
+    out = convert_checkpoint(args.src, dst)
+    tensors = load_state_dict(out)
+    n_params = sum(t.numel() for t in tensors.values())
+    checked = f", loads into {args.variant}" if args.variant else ""
+    print(f"wrote {out} ({len(tensors)} tensors, {n_params / 1e6:.2f}M values{checked})")
+    return 0
+
+
+def _num_classes(state_dict) -> int:
+    head = state_dict.get("head.weight")
+    return int(head.shape[0]) if head is not None else 0

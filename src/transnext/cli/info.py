@@ -1,0 +1,87 @@
+"""``transnext info``: the variants with parameters, GFLOPs and published accuracy.
+
+Published figures come from the weights records (:data:`transnext.models.WEIGHTS`); with
+``--measure`` parameters and multiply-adds are also measured on the meta device (seconds per
+variant, no weights allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ROBUSTNESS = (("imagenet_a", "IN-A"), ("imagenet_r", "IN-R"), ("imagenet_sketch", "Sketch"),
+              ("imagenet_v2", "IN-V2"), ("imagenet_c_mce", "IN-C mCE"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="variants or variant.tag names to show (default: all published weights)")
+    parser.add_argument("--measure", action="store_true",
+                        help="also measure parameters and GFLOPs (multiply-adds) at each weights' resolution")
+    parser.add_argument("--robustness", action="store_true", help="add the published robustness results")
+    parser.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="output format")
+
+
+def _rows(args: argparse.Namespace) -> list[dict]:
+    from ..models.registry import WEIGHTS, get_weights, split_name
+
+    if args.names:
+        selected = []
+        for name in args.names:
+            variant, tag = split_name(name)  # ValueError with suggestions for unknown names
+            selected += [get_weights(name)] if tag else [w for w in WEIGHTS.values() if w.variant == variant]
+    else:
+        selected = list(WEIGHTS.values())
+    rows = []
+    for w in {w.name: w for w in selected}.values():  # keep order, drop duplicates
+        row = {
+            "name": w.name, "resolution": w.img_size, "params_m": w.params_m, "gflops": w.gflops,
+            "top1": w.top1, "hf_hub_id": w.hf_hub_id, "filename": w.filename,
+        }
+        if args.robustness:
+            row["robustness"] = dict(w.robustness)
+        if args.measure:
+            from ..integrations.flops import measure
+
+            c = measure(w.variant, img_size=w.img_size, pretrain_size=w.pretrain_size)
+            row["measured_params_m"] = round(c.params_m, 2)
+            row["measured_gflops"] = round(c.gflops, 2)
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict], args: argparse.Namespace, markdown: bool) -> str:
+    header = ["model", "res", "params (M)", "GFLOPs", "top-1"]
+    if args.measure:
+        header += ["measured params (M)", "measured GFLOPs"]
+    if args.robustness:
+        header += [label for _, label in ROBUSTNESS]
+    header.append("weights (Hugging Face hub)")
+    body = []
+    for r in rows:
+        line = [r["name"], str(r["resolution"]), f"{r['params_m']:.1f}", f"{r['gflops']:.1f}", f"{r['top1']:.1f}"]
+        if args.measure:
+            line += [f"{r['measured_params_m']:.2f}", f"{r['measured_gflops']:.2f}"]
+        if args.robustness:
+            line += [f"{r['robustness'][k]:.1f}" if k in r["robustness"] else "-" for k, _ in ROBUSTNESS]
+        line.append(r["hf_hub_id"])
+        body.append(line)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        out += ["| " + " | ".join(line) + " |" for line in body]
+        return "\n".join(out)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = _rows(args)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, args, markdown=args.format == "markdown"))
+        if args.format == "table":
+            print("\nGFLOPs = multiply-adds for one image at the listed resolution; top-1 = ImageNet-1K validation.")
+    return 0

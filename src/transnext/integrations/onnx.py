@@ -1,0 +1,144 @@
+"""ONNX export at a fixed input size, with an optional onnxruntime check.
+
+TransNeXt's size-dependent tables (position-bias coordinates, padding masks, length scales) are
+constants for one input size: the export bakes them in for ``input_size`` (the batch dimension can
+stay dynamic). Export a separate file per resolution.
+
+Two exporters are supported: ``"dynamo"`` (``torch.export`` based; needs the ``onnxscript``
+package) and ``"torchscript"`` (the tracing exporter, deprecated by PyTorch but dependency-free).
+``"auto"`` uses dynamo when onnxscript is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["ExportResult", "export_onnx", "run_onnx"]
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "output"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    exporter: str
+    input_shape: tuple[int, int, int, int]
+    max_abs_diff: float | None  # onnxruntime vs PyTorch on a random input (None: not checked)
+
+
+def _pick_exporter(exporter: str) -> str:
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    has_onnxscript = importlib.util.find_spec("onnxscript") is not None
+    if exporter == "auto":
+        return "dynamo" if has_onnxscript else "torchscript"
+    if exporter == "dynamo" and not has_onnxscript:
+        raise ImportError("the dynamo ONNX exporter needs onnxscript: pip install 'transnext[onnx]'")
+    return exporter
+
+
+def _check_torchscript_pooling(model: nn.Module, size: tuple[int, int]) -> None:
+    """The torchscript exporter handles adaptive pooling only when the pooled grid divides the map."""
+    if not (hasattr(model, "stage_grids") and hasattr(model, "stage_geometry")):
+        return
+    for i, grid in enumerate(model.stage_grids(size)[: getattr(model, "num_stages", 4)]):
+        pool = model.stage_geometry(i, grid).pool
+        if pool is not None and (grid[0] % pool[0] or grid[1] % pool[1]):
+            raise ValueError(
+                f"the torchscript exporter cannot export input {size[0]}x{size[1]}: stage {i + 1} pools its "
+                f"{grid[0]}x{grid[1]} map to {pool[0]}x{pool[1]}, which does not divide it; use exporter='dynamo' "
+                "(pip install onnxscript) or an input size whose stage maps divide evenly (e.g. 224, 256, 384)"
+            )
+
+
+def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported model in onnxruntime (CPU) on ``x``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("checking an export needs onnxruntime: pip install 'transnext[onnx]'") from e
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    return torch.from_numpy(out)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_size: int | tuple[int, int] | None = None,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    exporter: str = "auto",
+    opset: int | None = None,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> ExportResult:
+    """Export ``model`` (eval mode, float32) to ONNX for ``input_size`` = (H, W).
+
+    Args:
+        input_size: spatial size baked into the file (default: the model's ``img_size``).
+        dynamic_batch: keep the batch dimension symbolic.
+        exporter: ``"auto"``, ``"dynamo"`` or ``"torchscript"``.
+        check: run the file in onnxruntime and compare with PyTorch; raises if the largest
+            absolute difference exceeds ``atol`` times the output scale.
+    """
+    exporter = _pick_exporter(exporter)
+    if dynamic_batch and exporter == "torchscript":
+        raise ValueError(
+            "dynamic_batch needs the dynamo exporter (pip install onnxscript); the torchscript exporter cannot "
+            "keep adaptive pooling static with a symbolic batch"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if input_size is None:
+        input_size = tuple(getattr(model, "img_size", (224, 224)))
+    H, W = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if hasattr(model, "check_input_size"):
+        model.check_input_size((H, W))
+    if exporter == "torchscript":
+        _check_torchscript_pooling(model, (H, W))
+    param = next(model.parameters())
+    if param.dtype != torch.float32:
+        raise TypeError(f"export a float32 model (got {param.dtype}); call model.float() first")
+    was_training = model.training
+    model.eval()
+    in_chans = getattr(model, "in_chans", 3)
+    x = torch.randn(batch_size, in_chans, H, W, generator=torch.Generator().manual_seed(0)).to(param.device)
+    try:
+        with torch.no_grad():
+            expected = model(x)  # also builds the size tables, so the export sees them as constants
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*Constant folding.*")
+            if exporter == "torchscript":
+                torch.onnx.export(
+                    model, (x,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    opset_version=opset or 17,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+                )
+            else:
+                dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+                program = torch.onnx.export(
+                    model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
+                )
+                program.save(str(path), external_data=False)
+    finally:
+        model.train(was_training)
+    diff = None
+    if check:
+        got = run_onnx(path, x)
+        diff = (got - expected.detach().cpu().float()).abs().max().item()
+        scale = max(expected.abs().max().item(), 1.0)
+        if not diff <= atol * scale:
+            raise RuntimeError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3e} (tolerance {atol * scale:.1e})")
+    return ExportResult(path, exporter, (batch_size, in_chans, H, W), diff)
