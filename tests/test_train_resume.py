@@ -21,7 +21,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     opts = dict(data_dir=str(data), epochs=2, aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0,
                 smoothing=0.1, drop_path=0.2, num_workers=1, deterministic=True, save_every_steps=4, seed=7)
     ref = tmp_path / "uninterrupted"
-    run_cli("train", *train_flags(output=str(ref), **opts), check=True)
+    run_cli("train", *train_flags(output=str(ref), **opts), check=True, subprocess_=True)
 
     out = tmp_path / "killed"
     flags = train_flags(output=str(out), **opts)
@@ -32,7 +32,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 8)
     assert not list(out.glob(".*.tmp")), "a temporary checkpoint file was left behind"
 
-    r = run_cli("train", *flags, "--resume", "auto", check=True)
+    r = run_cli("train", *flags, "--resume", "auto", check=True, subprocess_=True)
     assert "resumed from" in r.stderr and "epoch 2, step 2/6" in r.stderr
 
     a = load_training_checkpoint(ref / "last.pth")

@@ -73,7 +73,25 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = False,
+            subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run ``transnext ARGS``: in this process (fast) or, with ``subprocess_``/``env``, as a child process."""
+    if not subprocess_ and env is None:
+        import contextlib
+        import io
+
+        from transnext.cli.main import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse errors
+                code = e.code if isinstance(e.code, int) else 2
+        proc = subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
+        return proc
     proc = subprocess.run(
         [sys.executable, "-m", "transnext.cli.main", *args], capture_output=True, text=True, env=env or cli_env(),
         timeout=timeout, cwd=REPO,

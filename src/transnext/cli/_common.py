@@ -68,7 +68,6 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     size = int(data_cfg["img_size"])
     check_image_size(model, size)
     model.to(device).eval()
-    torch.set_grad_enabled(False)
     return model, dict(data_cfg, classes=info.get("classes")), device
 
 
