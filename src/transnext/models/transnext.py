@@ -660,11 +660,15 @@ class TransNeXt(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
+        # timm layer grouping: the stem first; coarse = one group per stage; fine = the
+        # downsampling patch embedding of a stage before its first block, each block, the stage
+        # norm joining the last block (99999 = "previous group"); the head last (unmatched).
         return dict(
-            stem=r"^patch_embed1",
-            blocks=r"^(?:patch_embed|norm)(\d+)" if coarse else [
-                (r"^block(\d+)\.(\d+)", None),
-                (r"^(?:patch_embed|norm)(\d+)", (99999,)),
+            stem=r"^patch_embed1\.",
+            blocks=r"^(?:patch_embed|block|norm)(\d+)\." if coarse else [
+                (r"^block(\d+)\.(\d+)\.", None),
+                (r"^patch_embed(\d+)\.", (-1,)),
+                (r"^norm(\d+)\.", (99999,)),
             ],
         )
 
