@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import one_thread  # noqa: F401
-from train_helpers import make_image_folder, write_corrupt
+from train_helpers import (
+    make_image_folder,
+    one_thread,  # noqa: F401
+    write_corrupt,
+)
 
 pytest.importorskip("timm")
 pytest.importorskip("PIL")

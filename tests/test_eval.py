@@ -8,8 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_helpers import one_thread  # noqa: F401
-from train_helpers import make_image_folder, run_cli, save_tiny_checkpoint, write_corrupt
+
+from train_helpers import (
+    make_image_folder,
+    one_thread,  # noqa: F401
+    run_cli,
+    save_tiny_checkpoint,
+    write_corrupt,
+)
 
 pytest.importorskip("timm")
 

@@ -6,8 +6,14 @@ import json
 
 import pytest
 import torch
-from train_helpers import one_thread  # noqa: F401
-from train_helpers import make_image_folder, run_cli, save_tiny_checkpoint, write_corrupt
+
+from train_helpers import (
+    make_image_folder,
+    one_thread,  # noqa: F401
+    run_cli,
+    save_tiny_checkpoint,
+    write_corrupt,
+)
 
 pytest.importorskip("timm")
 

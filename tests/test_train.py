@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
-from train_helpers import one_thread  # noqa: F401
-from train_helpers import TINY_TRAIN, make_image_folder, run_cli, train_flags, write_corrupt
+from train_helpers import (
+    TINY_TRAIN,
+    make_image_folder,
+    one_thread,  # noqa: F401
+    run_cli,
+    train_flags,
+    write_corrupt,
+)
 
 pytest.importorskip("timm")
 
@@ -44,7 +50,8 @@ def test_presets_follow_published_recipe():
     assert PRESETS["micro_aaaa"]["img_size"] == 256
     for name, dp in (("small_384", 0.7), ("base_384", 0.8)):
         f = PRESETS[name]
-        assert (f["img_size"], f["pretrain_size"], f["lr"], f["sched"], f["warmup_epochs"], f["epochs"]) == (384, 224, 1e-5, "constant", 0, 5)
+        got = (f["img_size"], f["pretrain_size"], f["lr"], f["sched"], f["warmup_epochs"], f["epochs"])
+        assert got == (384, 224, 1e-5, "constant", 0, 5)
         assert (f["mixup"], f["cutmix"], f["drop_path"], f["pretrained"]) == (0.8, 0.0, dp, True)
 
 
@@ -83,7 +90,8 @@ def test_cli_print_config_with_flags_and_file(tmp_path):
     out = run_cli("train", "--preset", "micro_aaaa", "--config", str(f), "--lr", "3e-4", "--data-dir", "d", "--no-compile",
                   "--scale", "0.3", "1.0", "--clip-grad", "none", "--print-config", check=True)
     cfg = json.loads(out.stdout)
-    assert (cfg["img_size"], cfg["batch_size"], cfg["lr"], cfg["compile"], cfg["scale"], cfg["clip_grad"]) == (256, 32, 3e-4, False, [0.3, 1.0], None)
+    got = (cfg["img_size"], cfg["batch_size"], cfg["lr"], cfg["compile"], cfg["scale"], cfg["clip_grad"])
+    assert got == (256, 32, 3e-4, False, [0.3, 1.0], None)
 
 
 # ---------------------------------------------------------------------- a full short run

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from train_helpers import REPO, cli_env, make_image_folder, train_flags
 
 pytest.importorskip("timm")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from train_helpers import run_cli
 
 pytest.importorskip("timm")

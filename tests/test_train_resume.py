@@ -6,6 +6,7 @@ import signal
 
 import pytest
 import torch
+
 from train_helpers import cli_env, make_image_folder, run_cli, train_flags
 
 pytest.importorskip("timm")

@@ -9,18 +9,21 @@ from typing import Any
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="variant or variant.tag (e.g. transnext_tiny, transnext_small.in1k_384)")
-    g.add_argument("--checkpoint", default=None, metavar="PATH", help="weights file (.pth/.safetensors; a transnext training checkpoint records its model)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="weights file (.pth/.safetensors; a transnext training checkpoint records its model)")
     g.add_argument("--pretrained", action="store_true", help="use the published weights of --model")
     g.add_argument("--num-classes", type=int, default=None, help="classifier size (default: from the checkpoint)")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the weights' size)")
     g.add_argument("--pos-bias", choices=("extrapolate", "interpolate"), default=None, help="position-bias mode")
-    g.add_argument("--fixed-pool-size", type=int, default=None, metavar="P", help="linear inference mode with a PxP pooled grid (paper: 7)")
+    g.add_argument("--fixed-pool-size", type=int, default=None, metavar="P",
+                   help="linear inference mode with a PxP pooled grid (paper: 7)")
     g.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: 0.875 below 384, none at >= 384)")
     g.add_argument("--interpolation", default=None, help="resize interpolation (default: the weights' setting, bicubic)")
     g.add_argument("--attn-backend", default=None, help="attention backend: auto, reference, torch, triton")
     s = parser.add_argument_group("system")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    s.add_argument("--amp", default="none", choices=("auto", "none", "bf16", "fp16"), help="autocast for inference (auto: fp16 on CUDA, bf16 on CPU)")
+    s.add_argument("--amp", default="none", choices=("auto", "none", "bf16", "fp16"),
+                   help="autocast for inference (auto: fp16 on CUDA, bf16 on CPU)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image instead of skipping it")
     s.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -28,7 +31,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     """Model (eval mode, on its device), data config for the transforms, and the device."""
-    import torch
 
     from ..engine.distributed import _pick_device
     from ..engine.modeling import build_model, check_image_size, model_from_checkpoint

@@ -136,7 +136,9 @@ def detect_benchmark(root: str | Path) -> str:
     return "folder"
 
 
-def _class_map(root: Path, benchmark: str, num_classes: int, classes: Sequence[str] | None) -> tuple[dict[str, int] | None, list[int] | None]:
+def _class_map(
+    root: Path, benchmark: str, num_classes: int, classes: Sequence[str] | None
+) -> tuple[dict[str, int] | None, list[int] | None]:
     """Folder name -> target index, and the model-output subset (None: all outputs)."""
     from ..data.classes import imagenet_wnids, robustness_subset_wnids
 
@@ -150,7 +152,8 @@ def _class_map(root: Path, benchmark: str, num_classes: int, classes: Sequence[s
                 f"{root}: ImageNet-V2 class folders are named by class index 0..{num_classes - 1}; found {', '.join(bad[:5])}"
             )
         return {f: int(f) for f in folders}, None
-    if benchmark in ("imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-c") or (benchmark == "folder" and num_classes == 1000 and folders and all(f in wnid_idx for f in folders)):
+    wnid_folders = num_classes == 1000 and bool(folders) and all(f in wnid_idx for f in folders)
+    if benchmark in ("imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-c") or (benchmark == "folder" and wnid_folders):
         if num_classes != 1000:
             raise ValueError(f"{benchmark} needs a 1000-class ImageNet model; this model has {num_classes} outputs")
         unknown = [f for f in folders if f not in wnid_idx]
@@ -161,7 +164,8 @@ def _class_map(root: Path, benchmark: str, num_classes: int, classes: Sequence[s
             if subset is None:
                 subset = folders
                 if len(subset) != 200:
-                    warnings.warn(f"{benchmark}: {len(subset)} class folders (the full set has 200): logits restricted to those present", stacklevel=3)
+                    warnings.warn(f"{benchmark}: {len(subset)} class folders (the full set has 200): logits restricted to "
+                                  "those present", stacklevel=3)
             outside = [f for f in folders if f not in subset]
             if outside:
                 raise ValueError(f"{root}: class folders outside the {benchmark} 200-class subset: {', '.join(outside[:5])}")
@@ -172,7 +176,8 @@ def _class_map(root: Path, benchmark: str, num_classes: int, classes: Sequence[s
     if classes:
         unknown = [f for f in folders if f not in classes]
         if unknown:
-            raise ValueError(f"{root}: class folders not among the model's classes ({', '.join(list(classes)[:5])}, ...): {', '.join(unknown[:5])}")
+            known = ", ".join(list(classes)[:5])
+            raise ValueError(f"{root}: class folders not among the model's classes ({known}, ...): {', '.join(unknown[:5])}")
         return {f: list(classes).index(f) for f in folders}, None
     if len(folders) > num_classes:
         raise ValueError(f"{root} has {len(folders)} class folders but the model has {num_classes} outputs")

@@ -78,7 +78,9 @@ def _build_data(cfg: TrainConfig) -> _Data:
         return _Data(train, demo_dataset("val", eval_tf), train.classes)
     root = Path(cfg.data_dir)  # type: ignore[arg-type]
     if not root.exists():
-        raise DataError(f"data folder not found: {root} (expected {root}/{cfg.train_split}/<class>/<images> and {root}/{cfg.val_split}/...)")
+        raise DataError(
+            f"data folder not found: {root} (expected {root}/{cfg.train_split}/<class>/<images> and {root}/{cfg.val_split}/...)"
+        )
     train_dir = root / cfg.train_split
     if not train_dir.is_dir():
         raise DataError(
