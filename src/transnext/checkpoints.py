@@ -149,9 +149,14 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = _torch_load(path, map_location)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             raise _refusal(path, e) from e
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        detail = found.group(1).strip() if found else (str(e).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): the weights-only unpickler "
+            f"rejected it ({detail})"
+        ) from e
     except Exception as e:  # RuntimeError (zip), EOFError, KeyError (garbage), ...
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -177,7 +182,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> 
         state_dict = _unwrap(state_dict, "<state dict>")
     out = {}
     for k, v in _strip_prefix(state_dict).items():
-        if k.rsplit(".", 1)[-1] in _SIZE_TABLES:
+        if k.rsplit(".", 1)[-1].rstrip("0123456789") in _SIZE_TABLES:  # e.g. relative_pos_index1
             continue
         out[k] = v
     head_w = out.get("head.weight")
@@ -185,9 +190,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> 
         want = _head_size(model)
         if want != tuple(head_w.shape):
             if want is not None:  # a head-less backbone drops the classifier silently
+                what = (f"has {head_w.shape[0]} classes, the model {want[0]}" if head_w.shape[0] != want[0]
+                        else f"has shape {tuple(head_w.shape)}, the model's {want}")
                 warnings.warn(
-                    f"the checkpoint classifier has {head_w.shape[0]} classes, the model {want[0]}: the head "
-                    "is not loaded (it keeps its fresh initialisation)",
+                    f"the checkpoint classifier {what}: the head is not loaded (it keeps its fresh initialisation)",
                     UserWarning,
                     stacklevel=2,
                 )
