@@ -245,14 +245,17 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_create_model_checkpoint_path_and_pretrained_from_hub_cache(tmp_path: Path, offline_hub: Path) -> None:
-    src = transnext.create_model("transnext_micro")
+    # A narrow model under the transnext_micro hub file: the real hub path, quickly.
+    narrow = dict(embed_dims=SMALL["embed_dims"], depths=SMALL["depths"])
+    src = transnext.create_model("transnext_micro", **narrow)
+    fill_deterministic(src)
     weights = transnext.get_weights("transnext_micro")
     # The published layout: the state dict under 'model'.
     populate_hub_cache(offline_hub, weights.hf_hub_id, weights.filename, {"model": src.state_dict()})
-    from_hub = transnext.create_model("transnext_micro", pretrained=True)
+    from_hub = transnext.create_model("transnext_micro", pretrained=True, **narrow)
     assert_same_weights(src, from_hub)
     path = save_state_dict(src.state_dict(), tmp_path / "micro.safetensors")
-    local = transnext.create_model("transnext_micro", checkpoint_path=path)
+    local = transnext.create_model("transnext_micro", checkpoint_path=path, **narrow)
     assert_same_weights(src, local)
 
 
