@@ -438,13 +438,13 @@ class TransNeXt(nn.Module):
         """Smallest square input every stage accepts."""
         for s in range(1, 4097):
             try:
-                self.check_input_size((s, s))
+                self.check_input_size((s, s), _hint=False)
                 return s
             except ValueError:
                 continue
         raise RuntimeError("no valid input size below 4096")  # unreachable for real configs
 
-    def check_input_size(self, size: Size) -> None:
+    def check_input_size(self, size: Size, _hint: bool = True) -> None:
         """Raise ValueError with the reason if an input of ``size`` cannot run."""
         H, W = size
         for i, grid in enumerate(self.stage_grids((H, W))):
@@ -460,10 +460,11 @@ class TransNeXt(nn.Module):
                         f"{grid[0]}x{grid[1]} (input {H}x{W}); use fixed_pool_size <= {min(grid)} or a larger input"
                     )
             elif min(grid) < sr:
+                # (no hint while min_input_size() probes sizes: it calls this method)
+                hint = f"; the minimum input is {self.min_input_size()}x{self.min_input_size()}" if _hint else ""
                 raise ValueError(
                     f"input {H}x{W} is too small: stage {i + 1} feature map {grid[0]}x{grid[1]} is smaller than "
-                    f"its sr_ratio {sr}, so the pooled key grid would be empty; the minimum input is "
-                    f"{self.min_input_size()}x{self.min_input_size()}"
+                    f"its sr_ratio {sr}, so the pooled key grid would be empty{hint}"
                 )
 
     @torch.compiler.disable
