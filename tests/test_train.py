@@ -296,3 +296,11 @@ def test_sigint_saves_resumable_checkpoint(data, tmp_path):
     assert (ck["epoch"], ck["global_step"]) == (2, 12)
     steps = [r["global_step"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
     assert steps == list(range(1, 13))  # nothing lost, nothing logged twice
+
+
+@pytest.mark.slow
+def test_torch_compile_run(data, tmp_path):
+    s = train(cfg_for(data, tmp_path / "c", compile=True, epochs=1))
+    assert s["global_step"] == 6
+    ck = load_training_checkpoint(tmp_path / "c" / "last.pth")
+    assert not any(k.startswith("_orig_mod.") for k in ck["model"])  # the plain module's names are saved

@@ -22,8 +22,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attn-backend", default=None, help="attention backend: auto, reference, torch, triton")
     s = parser.add_argument_group("system")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    s.add_argument("--amp", default="none", choices=("auto", "none", "bf16", "fp16"),
-                   help="autocast for inference (auto: fp16 on CUDA, bf16 on CPU)")
+    s.add_argument("--amp", default=None, choices=("auto", "none", "bf16", "fp16"),
+                   help="autocast for inference (default: fp16 on CUDA as the reference evaluation, none on CPU; "
+                        "auto: fp16 on CUDA, bf16 on CPU)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image instead of skipping it")
     s.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -70,6 +71,8 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     size = int(data_cfg["img_size"])
     check_image_size(model, size)
     model.to(device).eval()
+    if args.amp is None:
+        args.amp = "fp16" if device.type == "cuda" else "none"
     return model, dict(data_cfg, classes=info.get("classes")), device
 
 

@@ -79,6 +79,7 @@ class TrainConfig:
     deterministic: bool = False
     seed: int = 0
     attn_backend: str | None = None
+    threads: int | None = None  # intra-op CPU threads per process (None: torch's default)
     # output
     output: str = "runs/train"
     resume: str | None = None  # a checkpoint path, or "auto": <output>/last.pth if present
@@ -117,6 +118,7 @@ class TrainConfig:
             (self.dataset in ("folder", "demo"), f"dataset must be 'folder' or 'demo', got {self.dataset!r}"),
             (self.pos_bias in ("extrapolate", "interpolate"), f"pos_bias must be extrapolate or interpolate, got {self.pos_bias!r}"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.threads is None or self.threads >= 1, "threads must be >= 1"),
             (self.repeated_aug >= 1, "repeated_aug must be >= 1"),
             (0 <= self.mixup_prob <= 1, "mixup_prob must be in [0, 1]"),
             (0 <= self.smoothing < 1, "smoothing must be in [0, 1)"),

@@ -41,11 +41,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base_384": dict(_FINETUNE_384, model="transnext_base", drop_path=0.8),
     "demo": dict(
         model="transnext_micro", model_kwargs=DEMO_ARCH, dataset="demo", img_size=32, pretrain_size=64,
-        drop_path=0.05, batch_size=64, total_batch_size=None, epochs=30, opt="adamw", lr=2e-3, opt_eps=1e-8,
+        drop_path=0.05, batch_size=64, total_batch_size=None, epochs=20, opt="adamw", lr=2e-3, opt_eps=1e-8,
         weight_decay=0.05, sched="cosine", warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-5, clip_grad=1.0,
         aa=None, reprob=0.0, scale=(0.6, 1.0), ratio=(0.8, 1.25), hflip=0.5, color_jitter=0.0,
         interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mixup=0.0, cutmix=0.0,
-        smoothing=0.1, repeated_aug=1, crop_pct=1.0, amp="none", compile=False, num_workers=0,
+        smoothing=0.1, repeated_aug=1, crop_pct=1.0, amp="none", compile=False, num_workers=1, threads=1,
         output="runs/demo", eval_every=1, log_every=20,
     ),
 }

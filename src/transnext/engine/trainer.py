@@ -176,9 +176,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     cfg.validate()
     info = init_distributed(cfg.device)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, info)
     finally:
+        torch.set_num_threads(threads)
         cleanup(info)
 
 
@@ -196,6 +198,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     device = info.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     _set_determinism(cfg, info)
     out = Path(cfg.output)
     if info.is_main:
@@ -474,7 +478,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             is_last = epoch + 1 == cfg.epochs
             improved = False
             if val_loader is not None and ((epoch + 1) % max(cfg.eval_every, 1) == 0 or is_last):
-                last_val = evaluate(model, val_loader, device, amp if amp != "fp16" else "fp16", None, info, show,
+                last_val = evaluate(model, val_loader, device, amp, None, info, show,
                                     "validate", cfg.channels_last)
                 record.update({f"val_{k}": v for k, v in last_val.items() if k in ("top1", "top5", "loss")})
                 record["val_images"] = last_val["n"]
