@@ -71,7 +71,12 @@ def measure(
             return create_model(model, **create_kwargs).to(device)
     else:
         def build(device: str) -> nn.Module:
-            return copy.deepcopy(model).to(device)
+            clone = copy.deepcopy(model).to(device)
+            for m in clone.modules():  # a fresh copy computes its tables (and the bias) again
+                for cache in ("_bias_cache", "_geometry_cache"):
+                    if isinstance(getattr(m, cache, None), dict):
+                        getattr(m, cache).clear()
+            return clone
 
     try:
         return _measure(build("meta"), input_size, include_position_bias, "meta")
@@ -91,14 +96,13 @@ def _measure(model: nn.Module, input_size, include_position_bias: bool, device: 
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device=device)
     counter = FlopCounterMode(display=False)
-    # With gradients enabled the bias MLP is evaluated in the forward pass (never cached);
-    # otherwise a first, uncounted pass fills the inference cache.
-    for p in model.parameters():
-        p.requires_grad_(include_position_bias)
-    if not include_position_bias:
-        with torch.no_grad():
+    # The first pass of a fresh model evaluates the bias MLP (as every reference forward pass
+    # does); later inference passes take it from the cache, so for the cached cost count the
+    # second pass.
+    with torch.no_grad():
+        if not include_position_bias:
             model(x)
-    with torch.set_grad_enabled(include_position_bias), counter:
-        model(x)
+        with counter:
+            model(x)
     by_op = {str(k).split(".")[1] if "." in str(k) else str(k): v // 2 for k, v in counter.get_flop_counts()["Global"].items()}
     return Complexity(count_params(model), counter.get_total_flops() // 2, size, by_op)
