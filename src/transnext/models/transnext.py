@@ -73,6 +73,9 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
+        # A channels-last input makes the conv output channels-last, so the tokens below are a
+        # dense view and the LayerNorm needs no transposing copy (later stages already are).
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.proj(x)
         H, W = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), H, W
@@ -87,6 +90,7 @@ class DWConv(nn.Module):
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         B, N, C = x.shape
+        # (B, N, C) tokens are a channels-last (B, C, H, W) map: a view, no copy.
         x = self.dwconv(x.transpose(1, 2).reshape(B, C, H, W))
         return x.flatten(2).transpose(1, 2)
 
@@ -104,9 +108,24 @@ class ConvGLU(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        if self._fusable():
+            # One op that recomputes the cheap middle in backward (see transnext.ops.conv_glu).
+            return ops.conv_glu(
+                x, self.fc1.weight, self.fc1.bias, self.dwconv.dwconv.weight, self.dwconv.dwconv.bias,
+                self.fc2.weight, self.fc2.bias, (H, W), self.drop.p, self.training, getattr(self, "ops_backend", None),
+            )
         gate, value = self.fc1(x).chunk(2, dim=-1)
         x = self.drop(self.act(self.dwconv(gate, H, W)) * value)
         return self.drop(self.fc2(x))
+
+    def _fusable(self) -> bool:
+        """The fused op applies to the stock layers only (not to wrapped or hooked ones)."""
+        mods = (self.fc1, self.fc2, self.dwconv.dwconv, self.act)
+        return (
+            type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and type(self.dwconv) is DWConv
+            and type(self.dwconv.dwconv) is nn.Conv2d and type(self.act) is nn.GELU and self.act.approximate == "none"
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+        )
 
 
 class _CosineAttentionBase(nn.Module):
@@ -208,23 +227,41 @@ class AggregatedAttention(_CosineAttentionBase):
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
+        chunks = ops.inference_chunks(x, (H, W))
+        if chunks is None:
+            return self._forward(x, H, W, geom)
+        # Inference: groups of images, so transient buffers stay small (same result).
+        out = None
+        for b0, b1, _, _ in chunks:
+            res = self._forward(x[b0:b1], H, W, geom)
+            if out is None:
+                out = res.new_empty((x.shape[0],) + res.shape[1:])
+            out[b0:b1] = res
+        return out
+
+    def _forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = F.normalize(self.q(x).reshape(B, N, h, d).transpose(1, 2), dim=-1)
-        q_scaled = self._scale_query(q, geom)
+        # (B, h, N, d) views of the projections: the ops normalise and lay them out as they need.
+        q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
         kv = self.kv(x).reshape(B, N, 2, h, d)
-        k = F.normalize(kv[:, :, 0], dim=-1).transpose(1, 2)
-        v = kv[:, :, 1].transpose(1, 2)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
-        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.transpose(1, 2).reshape(B, C, H, W))), geom.pool)
-        pooled = self.norm(pooled.flatten(2).transpose(1, 2))
+        if type(self.sr) is nn.Conv2d and type(self.act) is nn.GELU and self.act.approximate == "none":
+            pooled = ops.sr_gelu_pool(x, self.sr.weight, self.sr.bias, (H, W), geom.pool, self.attn_backend)
+        else:  # wrapped or replaced layers: plain module calls
+            pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.transpose(1, 2).reshape(B, C, H, W))), geom.pool)
+            pooled = pooled.flatten(2).transpose(1, 2)
+        pooled = self.norm(pooled)
         Np = pooled.shape[1]
         kv_pool = self.kv(pooled).reshape(B, Np, 2, h, d)
-        k_pool = F.normalize(kv_pool[:, :, 0], dim=-1).transpose(1, 2)
-        v_pool = kv_pool[:, :, 1].transpose(1, 2)
+        k_pool, v_pool = kv_pool[:, :, 0].transpose(1, 2), kv_pool[:, :, 1].transpose(1, 2)
 
         out = ops.aggregated_attention(
-            q, q_scaled, k, v, k_pool, v_pool,
+            q, k, v, k_pool, v_pool,
+            self.query_embedding,
+            self.temperature,
+            geom.length_scale(x.dtype, x.device),
             self.relative_pos_bias_local,
             self.position_bias(geom, x.dtype, x.device),
             self.learnable_tokens,
@@ -265,10 +302,9 @@ class FullAttention(_CosineAttentionBase):
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q_scaled = self._scale_query(F.normalize(q, dim=-1), geom)
         out = ops.full_attention(
-            q_scaled, F.normalize(k, dim=-1), v, self.position_bias(geom, x.dtype, x.device),
-            self.attn_drop, self.training, self.attn_backend,
+            q, k, v, self.query_embedding, self.temperature, geom.length_scale(x.dtype, x.device),
+            self.position_bias(geom, x.dtype, x.device), self.attn_drop, self.training, self.attn_backend,
         )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 

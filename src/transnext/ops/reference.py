@@ -1,7 +1,8 @@
 """Reference backend: the plain unfold formulation of Aggregated Attention (SPEC section 4).
 
 Kept deliberately straightforward: it is the baseline every other backend is tested and
-benchmarked against, so it must not be optimised.
+benchmarked against, so it must stay a faithful, unoptimised transcription of the paper's
+formulation (normalise, scale, unfold keys and values into windows, one softmax).
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _scaled_query(q_norm: Tensor, query_embedding: Tensor, temperature: Tensor, length_scale: float | Tensor) -> Tensor:
+    return (q_norm + query_embedding) * F.softplus(temperature) * length_scale
+
+
 def aggregated_attention(
     q: Tensor,
-    q_scaled: Tensor,
     k: Tensor,
     v: Tensor,
     k_pool: Tensor,
     v_pool: Tensor,
+    query_embedding: Tensor,
+    temperature: Tensor,
+    length_scale: Tensor,
     local_bias: Tensor,
     pool_bias: Tensor,
     learnable_tokens: Tensor,
@@ -32,6 +39,11 @@ def aggregated_attention(
     H, W = size
     L = window * window
     Np = k_pool.shape[2]
+    q_norm = F.normalize(q, dim=-1)
+    q_scaled = _scaled_query(q_norm, query_embedding, temperature, length_scale)
+    k = F.normalize(k, dim=-1)
+    k_pool = F.normalize(k_pool, dim=-1)
+
     # Unfold normalised keys and values into (B, h, N, d, L) windows: 9x copies of k and v.
     kv_map = torch.cat([k, v], dim=1).transpose(-1, -2).reshape(B, 2 * h * d, H, W)
     unfolded = F.unfold(kv_map, window, padding=window // 2, stride=1)
@@ -45,19 +57,23 @@ def aggregated_attention(
     attn = F.dropout(attn, attn_drop, training)
     attn_local, attn_pool = torch.split(attn, [L, Np], dim=-1)
 
-    weights = q @ learnable_tokens + learnable_bias + attn_local
+    weights = q_norm @ learnable_tokens + learnable_bias + attn_local
     x_local = (weights.unsqueeze(-2) @ v_local.transpose(-2, -1)).squeeze(-2)
     return x_local + attn_pool @ v_pool
 
 
 def full_attention(
-    q_scaled: Tensor,
+    q: Tensor,
     k: Tensor,
     v: Tensor,
+    query_embedding: Tensor,
+    temperature: Tensor,
+    length_scale: float | Tensor,
     bias: Tensor,
     attn_drop: float = 0.0,
     training: bool = False,
 ) -> Tensor:
-    attn = (q_scaled @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+    q_scaled = _scaled_query(F.normalize(q, dim=-1), query_embedding, temperature, length_scale)
+    attn = (q_scaled @ F.normalize(k, dim=-1).transpose(-2, -1) + bias).softmax(dim=-1)
     attn = F.dropout(attn, attn_drop, training)
     return attn @ v

@@ -1,4 +1,16 @@
-"""Pure-PyTorch backend without unfolded copies: the window offsets are shifted views."""
+"""Pure-PyTorch backend without unfolded copies of keys and values.
+
+The w*w window offsets are shifted views of one zero-padded tensor, so the local logits are
+w*w fused multiply-reduce passes and the local aggregation w*w in-place ``addcmul`` passes over
+(B, h, H, W, d) tensors: no (B, h, N, d, w*w) copies as in the unfold formulation. The logits of
+the local and pooled keys share one (B, h, w*w + Np, N) buffer (keys-major, so each offset is a
+contiguous slab and the pooled part is written by one batched matmul), followed by one softmax.
+
+A custom autograd Function saves only the normalised queries and keys (with their norms), the
+padded values and the attention probabilities; queries' scaling and the learnable-token weights
+are recomputed in backward. Under tracing, export or ``torch.compile`` a functional formulation
+of the same algorithm is used instead, so graphs see only standard ops.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +18,243 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import compute_dtype, is_tracing, normalize_backward, normalize_into
+
+
+def _offsets(window: int) -> list[tuple[int, int, int]]:
+    return [(o, o // window, o % window) for o in range(window * window)]
+
+
+def _padded(x: Tensor, size: tuple[int, int], r: int, dtype: torch.dtype) -> Tensor:
+    """(B, h, H + 2r, W + 2r, d) buffer with zero borders; the interior is left to the caller."""
+    B, h, _, d = x.shape
+    H, W = size
+    buf = torch.empty((B, h, H + 2 * r, W + 2 * r, d), dtype=dtype, device=x.device)
+    if r:
+        buf[:, :, :r].zero_()
+        buf[:, :, H + r :].zero_()
+        buf[:, :, r : H + r, :r].zero_()
+        buf[:, :, r : H + r, W + r :].zero_()
+    return buf
+
+
+def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(h, L, N): local position bias, -inf on window slots outside the image."""
+    neg = torch.zeros(padding_mask.t().shape, dtype=dtype, device=local_bias.device)
+    neg.masked_fill_(padding_mask.t().to(local_bias.device), float("-inf"))
+    return local_bias.to(dtype).unsqueeze(-1) + neg
+
+
+class _AggregatedAttention(torch.autograd.Function):
+    """Normalisation, query scaling, local + pooled logits, one softmax, aggregation."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_pool: Tensor,
+        v_pool: Tensor,
+        query_embedding: Tensor,
+        mult: Tensor,
+        length_scale: Tensor,
+        local_bias: Tensor,
+        pool_bias: Tensor,
+        learnable_tokens: Tensor,
+        learnable_bias: Tensor,
+        padding_mask: Tensor,
+        size: tuple[int, int],
+        window: int,
+        p_drop: float,
+    ) -> Tensor:
+        B, h, N, d = q.shape
+        H, W = size
+        r, L, Np = window // 2, window * window, k_pool.shape[2]
+        dt = compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            q_hat = torch.empty((B, h, N, d), dtype=dt, device=q.device)
+            q_norm = normalize_into(q, q_hat)
+            k_pad = _padded(k, size, r, dt)
+            k_norm = normalize_into(k.unflatten(2, (H, W)), k_pad[:, :, r : r + H, r : r + W])
+            v_pad = _padded(v, size, r, dt)
+            v_pad[:, :, r : r + H, r : r + W].copy_(v.unflatten(2, (H, W)))
+            kp_hat = torch.empty(k_pool.shape, dtype=dt, device=q.device)
+            kp_norm = normalize_into(k_pool, kp_hat)
+            vp = v_pool.to(dt)
+            factor = mult.to(dt) * length_scale.to(dt)  # (h, N, 1)
+            qs = torch.add(q_hat, query_embedding.to(dt)).mul_(factor)
+
+            logits = torch.empty((B, h, L + Np, N), dtype=dt, device=q.device)
+            qs5 = qs.view(B, h, H, W, d)
+            tmp = torch.empty_like(qs5)
+            for o, i, j in _offsets(window):
+                torch.mul(qs5, k_pad[:, :, i : i + H, j : j + W], out=tmp)
+                torch.sum(tmp, dim=-1, out=logits[:, :, o].view(B, h, H, W))
+            del tmp
+            torch.matmul(kp_hat, qs.transpose(-1, -2), out=logits[:, :, L:])
+            logits[:, :, L:] += pool_bias.to(dt).transpose(-1, -2)
+            logits[:, :, :L] += _local_table(local_bias, padding_mask, dt)
+            probs = torch.softmax(logits, dim=-2)
+            del logits
+
+            drop_mask = None
+            probs_d = probs
+            if p_drop > 0.0:
+                drop_mask = torch.rand_like(probs) >= p_drop
+                probs_d = probs * drop_mask * (1.0 / (1.0 - p_drop))
+
+            weights = _local_weights(q_hat, probs_d, learnable_tokens, learnable_bias, L)
+            out = torch.matmul(probs_d[:, :, L:].transpose(-1, -2), vp)
+            out5 = out.view(B, h, H, W, d)
+            for o, i, j in _offsets(window):
+                out5.addcmul_(weights[:, :, o].view(B, h, H, W, 1), v_pad[:, :, i : i + H, j : j + W])
+
+        ctx.save_for_backward(
+            q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, probs, drop_mask,
+            query_embedding, mult, length_scale, learnable_tokens, learnable_bias,
+        )
+        ctx.geometry = (size, window, p_drop)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, k_pool.dtype, v_pool.dtype, local_bias.dtype, pool_bias.dtype)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, probs, drop_mask,
+         query_embedding, mult, length_scale, learnable_tokens, learnable_bias) = ctx.saved_tensors
+        (H, W), window, p_drop = ctx.geometry
+        B, h, N, d = q_hat.shape
+        r, L = window // 2, window * window
+        dt = q_hat.dtype
+        needs = ctx.needs_input_grad
+        with torch.autocast(q_hat.device.type, enabled=False):
+            g = grad_out.to(dt).contiguous()
+            g5 = g.view(B, h, H, W, d)
+            factor = mult.to(dt) * length_scale.to(dt)
+            qe = query_embedding.to(dt)
+            qs = torch.add(q_hat, qe).mul_(factor)
+            qs5 = qs.view(B, h, H, W, d)
+            probs_d = probs if drop_mask is None else probs * drop_mask * (1.0 / (1.0 - p_drop))
+            weights = _local_weights(q_hat, probs_d, learnable_tokens, learnable_bias, L)
+
+            # d(loss)/d(weights) for local slots and pooled probabilities, keys-major like probs.
+            d_probs = torch.empty_like(probs)
+            tmp = torch.empty_like(g5)
+            for o, i, j in _offsets(window):
+                torch.mul(g5, v_pad[:, :, i : i + H, j : j + W], out=tmp)
+                torch.sum(tmp, dim=-1, out=d_probs[:, :, o].view(B, h, H, W))
+            del tmp
+            torch.matmul(vp, g.transpose(-1, -2), out=d_probs[:, :, L:])
+            d_w = d_probs[:, :, :L]
+            tokens = learnable_tokens.to(dt)
+            d_tokens = torch.matmul(q_hat.transpose(-1, -2), d_w.transpose(-1, -2)).sum(0) if needs[10] else None
+            d_lbias = d_w.sum((0, 3)).unsqueeze(1) if needs[11] else None
+            dq_hat = torch.matmul(d_w.transpose(-1, -2), tokens.transpose(-1, -2))
+            if drop_mask is not None:
+                d_probs.mul_(drop_mask).mul_(1.0 / (1.0 - p_drop))
+            d_logits = torch._softmax_backward_data(d_probs, probs, -2, dt)
+            del d_probs, d_w
+            d_local_bias = d_logits[:, :, :L].sum((0, 3)) if needs[8] else None
+            d_pool_bias = d_logits[:, :, L:].sum(0).transpose(-1, -2) if needs[9] else None
+            d_pool = d_logits[:, :, L:]
+            dqs = torch.matmul(d_pool.transpose(-1, -2), kp_hat)
+            dkp_hat = torch.matmul(d_pool, qs) if needs[3] else None
+            dvp = torch.matmul(probs_d[:, :, L:], g) if needs[4] else None
+            del probs_d
+
+            dqs5 = dqs.view(B, h, H, W, d)
+            dk_pad = torch.zeros_like(k_pad) if needs[1] else None
+            dv_pad = torch.zeros_like(v_pad) if needs[2] else None
+            for o, i, j in _offsets(window):
+                dz = d_logits[:, :, o].view(B, h, H, W, 1)
+                dqs5.addcmul_(dz, k_pad[:, :, i : i + H, j : j + W])
+                if dk_pad is not None:
+                    dk_pad[:, :, i : i + H, j : j + W].addcmul_(dz, qs5)
+                if dv_pad is not None:
+                    dv_pad[:, :, i : i + H, j : j + W].addcmul_(weights[:, :, o].view(B, h, H, W, 1), g5)
+            del d_logits, weights
+
+            # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
+            d_mult = None
+            if needs[6]:
+                per_query = (dqs * torch.add(q_hat, qe)).sum(-1)  # (B, h, N)
+                d_mult = (per_query * length_scale.to(dt).view(1, 1, N)).sum((0, 2)).view(h, 1, 1)
+                del per_query
+            dqs.mul_(factor)
+            d_qe = dqs.sum((0, 2)).unsqueeze(1) if needs[5] else None
+            dq_hat.add_(dqs)
+            del dqs, qs
+
+            dq = dk = dv = dkp = None
+            if needs[0]:
+                dq = normalize_backward(dq_hat, q_hat, q_norm)
+            if dk_pad is not None:
+                k_int = k_pad[:, :, r : r + H, r : r + W]
+                dk = normalize_backward(dk_pad[:, :, r : r + H, r : r + W], k_int, k_norm).reshape(B, h, N, d)
+            if dv_pad is not None:
+                dv = dv_pad[:, :, r : r + H, r : r + W].reshape(B, h, N, d)
+            if dkp_hat is not None:
+                dkp = normalize_backward(dkp_hat, kp_hat, kp_norm)
+
+        q_dt, k_dt, v_dt, kp_dt, vp_dt, lb_dt, pb_dt = ctx.dtypes
+        return (
+            _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp, vp_dt),
+            _cast(d_qe, query_embedding.dtype), _cast(d_mult, mult.dtype), None,
+            _cast(d_local_bias, lb_dt), _cast(d_pool_bias, pb_dt),
+            _cast(d_tokens, learnable_tokens.dtype), _cast(d_lbias, learnable_bias.dtype),
+            None, None, None, None,
+        )
+
+
+def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _local_weights(q_hat: Tensor, probs: Tensor, tokens: Tensor, lbias: Tensor, L: int) -> Tensor:
+    """(B, h, L, N): softmax weights of the window slots plus the learnable-token term."""
+    dt = q_hat.dtype
+    weights = torch.matmul(tokens.to(dt).transpose(-1, -2), q_hat.transpose(-1, -2))
+    weights += probs[:, :, :L]
+    weights += lbias.to(dt).transpose(-1, -2)
+    return weights
+
+
+def _functional(
+    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
+    length_scale: Tensor, local_bias: Tensor, pool_bias: Tensor, learnable_tokens: Tensor, learnable_bias: Tensor,
+    padding_mask: Tensor, size: tuple[int, int], window: int, attn_drop: float, training: bool,
+) -> Tensor:
+    """Same algorithm in out-of-place standard ops (for tracing, export and compilation)."""
+    B, h, N, d = q.shape
+    H, W = size
+    r, L, Np = window // 2, window * window, k_pool.shape[2]
+    q_hat = F.normalize(q, dim=-1)
+    qs = ((q_hat + query_embedding) * F.softplus(temperature) * length_scale).reshape(B, h, H, W, d)
+    k_pad = F.pad(F.normalize(k, dim=-1).reshape(B, h, H, W, d), (0, 0, r, r, r, r))
+    v_pad = F.pad(v.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
+    offsets = _offsets(window)
+    local = torch.stack([(qs * k_pad[:, :, i : i + H, j : j + W]).sum(-1) for _, i, j in offsets], dim=-1)
+    local = (local.reshape(B, h, N, L) + local_bias.unsqueeze(1)).masked_fill(padding_mask, float("-inf"))
+    pooled = qs.reshape(B, h, N, d) @ F.normalize(k_pool, dim=-1).transpose(-1, -2) + pool_bias
+    attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1)
+    attn = F.dropout(attn, attn_drop, training)
+    a_local, a_pool = torch.split(attn, [L, Np], dim=-1)
+    weights = (a_local + q_hat @ learnable_tokens + learnable_bias).reshape(B, h, H, W, L)
+    out = (a_pool @ v_pool).reshape(B, h, H, W, d)
+    for o, i, j in offsets:
+        out = out + weights[..., o : o + 1] * v_pad[:, :, i : i + H, j : j + W]
+    return out.reshape(B, h, N, d)
+
 
 def aggregated_attention(
     q: Tensor,
-    q_scaled: Tensor,
     k: Tensor,
     v: Tensor,
     k_pool: Tensor,
     v_pool: Tensor,
+    query_embedding: Tensor,
+    temperature: Tensor,
+    length_scale: Tensor,
     local_bias: Tensor,
     pool_bias: Tensor,
     learnable_tokens: Tensor,
@@ -24,42 +265,31 @@ def aggregated_attention(
     attn_drop: float = 0.0,
     training: bool = False,
 ) -> Tensor:
-    B, h, N, d = q.shape
-    H, W = size
-    r = window // 2
-    L = window * window
-    Np = k_pool.shape[2]
-    k_pad = F.pad(k.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
-    v_pad = F.pad(v.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
-    qs = q_scaled.reshape(B, h, H, W, d)
-    offsets = [(i, j) for i in range(window) for j in range(window)]
-    attn_local = torch.stack(
-        [(qs * k_pad[:, :, i : i + H, j : j + W]).sum(-1) for i, j in offsets], dim=-1
-    ).reshape(B, h, N, L)
-    attn_local = (attn_local + local_bias.unsqueeze(1)).masked_fill(padding_mask, float("-inf"))
-    attn_pool = torch.baddbmm(
-        pool_bias.unsqueeze(0).expand(B, h, N, Np).reshape(B * h, N, Np),
-        q_scaled.reshape(B * h, N, d),
-        k_pool.reshape(B * h, Np, d).transpose(-2, -1),
-    ).reshape(B, h, N, Np)
-    attn = torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1)
-    attn = F.dropout(attn, attn_drop, training)
-    attn_local, attn_pool = torch.split(attn, [L, Np], dim=-1)
-    weights = (attn_local + q @ learnable_tokens + learnable_bias).reshape(B, h, H, W, L)
-    out = (attn_pool @ v_pool).reshape(B, h, H, W, d)
-    for idx, (i, j) in enumerate(offsets):
-        out = out + weights[..., idx : idx + 1] * v_pad[:, :, i : i + H, j : j + W]
-    return out.reshape(B, h, N, d)
+    if is_tracing():
+        return _functional(
+            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
+            learnable_tokens, learnable_bias, padding_mask, size, window, attn_drop, training,
+        )
+    return _AggregatedAttention.apply(
+        q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias, pool_bias,
+        learnable_tokens, learnable_bias, padding_mask, tuple(size), window, attn_drop if training else 0.0,
+    )
 
 
 def full_attention(
-    q_scaled: Tensor,
+    q: Tensor,
     k: Tensor,
     v: Tensor,
+    query_embedding: Tensor,
+    temperature: Tensor,
+    length_scale: float | Tensor,
     bias: Tensor,
     attn_drop: float = 0.0,
     training: bool = False,
 ) -> Tensor:
+    """Scaled queries through ``scaled_dot_product_attention`` with the bias as additive mask."""
+    q_scaled = (F.normalize(q, dim=-1) + query_embedding) * F.softplus(temperature) * length_scale
+    k_hat = F.normalize(k, dim=-1)
     return F.scaled_dot_product_attention(
-        q_scaled, k, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=attn_drop if training else 0.0, scale=1.0
+        q_scaled, k_hat, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=attn_drop if training else 0.0, scale=1.0
     )

@@ -1,0 +1,80 @@
+"""Helpers shared by the backends: compute dtype under autocast, tracing detection, normalisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-12  # F.normalize's default
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Dtype the fused ops compute in: float32 for half inputs or float32 under autocast, else x's."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype for x's device if autocast is on and would lower x, else None."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def is_tracing() -> bool:
+    """True while tracing, exporting or compiling: graph capture needs plain functional ops."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.compiler.is_compiling():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+
+
+def normalize_into(x: Tensor, out: Tensor) -> Tensor:
+    """Write F.normalize(x, dim=-1) into ``out`` (any layout); return the raw norms (.., 1)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=out.dtype)
+    torch.div(x, norm.clamp_min(EPS), out=out)
+    return norm
+
+
+def normalize_backward(grad: Tensor, x_hat: Tensor, norm: Tensor, out: Tensor | None = None) -> Tensor:
+    """Gradient of F.normalize(x, dim=-1) from the normalised x_hat and the raw norms.
+
+    Equals autograd through ``x / norm(x).clamp_min(eps)``: (g - x_hat (x_hat . g)) / norm where
+    the norm is at least eps, g / eps where it is clamped.
+    """
+    dot = (grad * x_hat).sum(-1, keepdim=True)
+    dot.mul_(norm >= EPS)
+    res = torch.mul(x_hat, dot) if out is None else torch.mul(x_hat, dot, out=out)
+    torch.sub(grad, res, out=res)
+    return res.div_(norm.clamp_min(EPS))
+
+
+# Inference runs big activations in chunks of at least this many tokens: small enough that the
+# transient buffers stay cache- and allocator-friendly (fresh multi-MB buffers cost page faults),
+# large enough that every matmul stays efficient.
+MIN_CHUNK_TOKENS = 2048
+
+
+def inference_chunks(x: Tensor, size: tuple[int, int], bands: bool = False) -> list[tuple[int, int, int, int]] | None:
+    """Chunks (b0, b1, y0, y1) of images / row bands to run a no-grad op on, or None for one pass.
+
+    Whole images are grouped up to ``MIN_CHUNK_TOKENS``; with ``bands``, an image of more than
+    eight times that is split into bands of rows (the op supplies its own halo rows).
+    """
+    if torch.is_grad_enabled() or is_tracing():
+        return None
+    B = x.shape[0]
+    H, W = size
+    N = H * W
+    if bands and N >= 8 * MIN_CHUNK_TOKENS:
+        rows = max(16, -(-2 * MIN_CHUNK_TOKENS // W))
+        return [(b, b + 1, y, min(H, y + rows)) for b in range(B) for y in range(0, H, rows)]
+    # At least two images: oneDNN runs a batch of one in NCHW, which costs layout copies.
+    per = max(2, -(-MIN_CHUNK_TOKENS // N))
+    if per >= B:
+        return None
+    return [(b, min(B, b + per), 0, H) for b in range(0, B, per)]

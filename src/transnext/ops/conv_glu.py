@@ -1,0 +1,175 @@
+"""Convolutional GLU (SPEC section 2) as one op that keeps little for backward.
+
+``fc2(GELU(dwconv(gate)) * value)`` with ``[gate | value] = fc1(x)``. Plain autograd keeps five
+hidden-sized tensors per block (the gate in conv layout, the conv output, the GELU output, the
+product and the fc1 output). Here backward needs only ``x``, the gate and the value: the 3x3
+depthwise conv, GELU and product are cheap and are recomputed. The gate and the value come from
+two matmuls on row slices of ``fc1.weight``, so both are dense and the gate is already a
+channels-last (B, hidden, H, W) map for the depthwise conv: no layout copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import autocast_dtype, inference_chunks, is_tracing
+
+
+def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, N, C) tokens -> (B, C, H, W) view (channels-last strides when t is dense)."""
+    B, _, C = t.shape
+    return t.transpose(1, 2).reshape(B, C, *size)
+
+
+def _as_tokens(m: Tensor) -> Tensor:
+    return m.flatten(2).transpose(1, 2)
+
+
+def _dwconv(gate: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int]) -> Tensor:
+    pad = weight.shape[-1] // 2
+    return F.conv2d(_as_map(gate, size), weight, bias, padding=pad, groups=weight.shape[0])
+
+
+def _cast(dtype: torch.dtype | None, *ts: Tensor | None) -> list[Tensor | None]:
+    if dtype is None:
+        return list(ts)
+    return [None if t is None else t.to(dtype) for t in ts]
+
+
+class _ConvGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, wd, bd, w2, b2, size):
+        hid = w2.shape[1]
+        low = autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x, w1, b1, wd, bd, w2, b2 = _cast(low, x, w1, b1, wd, bd, w2, b2)
+            gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
+            value = F.linear(x, w1[hid:], None if b1 is None else b1[hid:])
+            hidden = _as_tokens(_dwconv(gate, wd, bd, size))
+            hidden = F.gelu(hidden).mul_(value)
+            out = F.linear(hidden, w2, b2)
+        ctx.save_for_backward(x, gate, value, w1, wd, bd, w2)
+        ctx.size = size
+        ctx.has_bias = (b1 is not None, bd is not None, b2 is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, value, w1, wd, bd, w2 = ctx.saved_tensors
+        size = ctx.size
+        hid = w2.shape[1]
+        needs = ctx.needs_input_grad
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(x.dtype)
+            conv = _dwconv(gate, wd, bd, size)  # (B, hid, H, W), recomputed
+            conv_t = _as_tokens(conv)
+            act = F.gelu(conv_t)
+            g2 = grad.reshape(-1, grad.shape[-1])
+            d_w2 = d_b2 = None
+            if needs[5]:
+                d_w2 = g2.t() @ (act * value).reshape(-1, hid)
+            if needs[6] and ctx.has_bias[2]:
+                d_b2 = g2.sum(0)
+            d_hidden = grad @ w2  # (B, N, hid)
+            d_value = d_hidden * act
+            del act
+            d_act = d_hidden.mul_(value)
+            d_conv_t = torch.ops.aten.gelu_backward(d_act, conv_t)
+            del d_act, conv_t
+            d_conv = _as_map(d_conv_t, size) if d_conv_t.is_contiguous() else _as_map(d_conv_t.contiguous(), size)
+            d_gate_map, d_wd, d_bd = torch.ops.aten.convolution_backward(
+                d_conv, _as_map(gate, size), wd, [hid] if bd is not None else None,
+                [1, 1], [wd.shape[-1] // 2] * 2, [1, 1], False, [0, 0], hid,
+                [needs[0] or needs[1] or needs[2], needs[3], needs[4] and bd is not None],
+            )
+            del d_conv, conv
+            d_x = d_w1 = d_b1 = None
+            if d_gate_map is not None:
+                d_gate = _as_tokens(d_gate_map).reshape(-1, hid)
+                d_val = d_value.reshape(-1, hid)
+                if needs[0]:
+                    d_x = (d_gate @ w1[:hid]).addmm_(d_val, w1[hid:]).view(x.shape)
+                if needs[1]:
+                    x2 = x.reshape(-1, x.shape[-1])
+                    d_w1 = torch.empty_like(w1)
+                    torch.mm(d_gate.t(), x2, out=d_w1[:hid])
+                    torch.mm(d_val.t(), x2, out=d_w1[hid:])
+                if needs[2] and ctx.has_bias[0]:
+                    d_b1 = torch.cat([d_gate.sum(0), d_val.sum(0)])
+        return d_x, d_w1, d_b1, d_wd, d_bd, d_w2, d_b2, None
+
+
+def _plain(x, w1, b1, wd, bd, w2, b2, size, drop, training):
+    gate, value = F.linear(x, w1, b1).chunk(2, dim=-1)
+    hidden = F.gelu(_as_tokens(_dwconv(gate, wd, bd, size))) * value
+    hidden = F.dropout(hidden, drop, training)
+    return F.dropout(F.linear(hidden, w2, b2), drop, training)
+
+
+def conv_glu(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    dw_weight: Tensor,
+    dw_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    size: tuple[int, int],
+    drop: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """``fc2(GELU(dwconv3x3(gate)) * value)``, ``[gate | value] = fc1(x)``; x: (B, N, C) over ``size``.
+
+    The ``reference`` backend runs the plain module formulation (the baseline of benchmarks).
+    """
+    from . import resolve_backend
+
+    args = (x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, tuple(size))
+    plain = resolve_backend(backend, x.device.type) == "reference"
+    if plain or (drop > 0.0 and training) or is_tracing():
+        return _plain(*args, drop, training)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
+    if needs_grad:
+        return _ConvGLU.apply(*args)
+    return _inference(*args)
+
+
+def _inference(x, w1, b1, wd, bd, w2, b2, size):
+    """No-grad path: in chunks of images or row bands, in place where possible.
+
+    Row bands carry one halo row above and below for the 3x3 depthwise conv.
+    """
+    chunks = inference_chunks(x, size, bands=True)
+    if chunks is None:
+        return _glu_chunk(x, w1, b1, wd, bd, w2, b2, size, 0, size[0])
+    B, N, _ = x.shape
+    H, W = size
+    out = None
+    for b0, b1_, y0, y1 in chunks:
+        ya, yb = max(0, y0 - 1), min(H, y1 + 1)
+        res = _glu_chunk(x[b0:b1_, ya * W : yb * W], w1, b1, wd, bd, w2, b2, (yb - ya, W), y0 - ya, y1 - ya)
+        if out is None:
+            out = res.new_empty((B, N, res.shape[-1]))
+        out[b0:b1_, y0 * W : y1 * W] = res
+    return out
+
+
+def _glu_chunk(x, w1, b1, wd, bd, w2, b2, size, r0, r1):
+    """Conv-GLU on x over ``size``; only output rows r0..r1 (the rest is halo) are computed past the conv."""
+    hid = w2.shape[1]
+    W = size[1]
+    gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
+    x_rows = x if (r0, r1) == (0, size[0]) else x[:, r0 * W : r1 * W]
+    value = F.linear(x_rows, w1[hid:], None if b1 is None else b1[hid:])
+    conv = _dwconv(gate, wd, bd, size)
+    del gate
+    if (r0, r1) != (0, size[0]):
+        conv = conv[:, :, r0:r1]
+    hidden = _as_tokens(conv)
+    hidden = torch.ops.aten.gelu_(hidden) if hidden.is_contiguous() else F.gelu(hidden)
+    hidden.mul_(value)
+    del value
+    return F.linear(hidden, w2, b2)

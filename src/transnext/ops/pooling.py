@@ -1,0 +1,86 @@
+"""Pooled-key branch of Aggregated Attention: ``AdaptiveAvgPool(GELU(sr(x)))`` as one op.
+
+Plain autograd keeps two full-resolution tensors per block for this branch (the 1x1 conv output
+for GELU and the GELU output for the pooling, which saves its input only for its shape). The op
+below keeps nothing beyond ``x`` (which the q/kv projections keep anyway) and recomputes the 1x1
+conv in backward: one C x C matmul per token, a small price for two activations per block.
+The 1x1 conv runs as a matmul on the (B, N, C) tokens, which are a channels-last map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import autocast_dtype, is_tracing
+
+
+def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
+    B, _, C = t.shape
+    return t.transpose(1, 2).reshape(B, C, *size)
+
+
+def _as_tokens(m: Tensor) -> Tensor:
+    return m.flatten(2).transpose(1, 2)
+
+
+class _SrGeluPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, size, pool):
+        low = autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            if low is not None:
+                x, weight = x.to(low), weight.to(low)
+                bias = None if bias is None else bias.to(low)
+            w = weight.reshape(weight.shape[0], -1)
+            y = F.gelu(F.linear(x, w, bias))
+            out = _as_tokens(F.adaptive_avg_pool2d(_as_map(y, size), pool))
+        ctx.save_for_backward(x, w, bias)
+        ctx.size, ctx.pool = size, pool
+        ctx.weight_shape = weight.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, bias = ctx.saved_tensors
+        size = ctx.size
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(x.dtype)
+            y = F.linear(x, w, bias)  # recomputed 1x1 conv
+            g_map = _as_map(grad, ctx.pool)
+            d_act = torch.ops.aten._adaptive_avg_pool2d_backward(g_map, _as_map(y, size))
+            d_y = torch.ops.aten.gelu_backward(_as_tokens(d_act), y)
+            del d_act, y
+            d2 = d_y.reshape(-1, d_y.shape[-1])
+            needs = ctx.needs_input_grad
+            d_x = (d2 @ w).view(x.shape) if needs[0] else None
+            d_w = (d2.t() @ x.reshape(-1, x.shape[-1])).view(ctx.weight_shape) if needs[1] else None
+            d_b = d2.sum(0) if needs[2] and bias is not None else None
+        return d_x, d_w, d_b, None, None
+
+
+def sr_gelu_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    size: tuple[int, int],
+    pool: tuple[int, int],
+    backend: str | None = None,
+) -> Tensor:
+    """``adaptive_avg_pool2d(GELU(conv1x1(x_map)), pool)`` as (B, Hp*Wp, C) tokens; x: (B, N, C) over ``size``.
+
+    The ``reference`` backend runs the plain module formulation.
+    """
+    from . import resolve_backend
+
+    size, pool = tuple(size), tuple(pool)
+    if resolve_backend(backend, x.device.type) == "reference" or is_tracing():
+        y = F.gelu(F.conv2d(_as_map(x, size), weight, bias))
+        return _as_tokens(F.adaptive_avg_pool2d(y, pool))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad:
+        return _SrGeluPool.apply(x, weight, bias, size, pool)
+    y = F.linear(x, weight.reshape(weight.shape[0], -1), bias)
+    y = F.gelu(y)
+    return _as_tokens(F.adaptive_avg_pool2d(_as_map(y, size), pool))
