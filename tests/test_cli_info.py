@@ -1,0 +1,93 @@
+"""``transnext info`` and ``transnext convert``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fill_deterministic
+
+import transnext
+from transnext.checkpoints import load_state_dict
+from transnext.cli.main import main
+from transnext.models import TransNeXt
+
+
+def test_info_lists_every_published_checkpoint(capsys) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("transnext_")}
+    assert set(lines) == set(transnext.list_pretrained())
+    assert lines["transnext_tiny.in1k"][1:5] == ["224", "28.2", "5.7", "84.0"]
+    assert lines["transnext_base.in1k_384"][1:5] == ["384", "89.7", "56.3", "86.2"]
+    assert lines["transnext_micro_aaaa.in1k"][1:5] == ["256", "13.1", "3.3", "82.6"]
+    assert "DaiShiResearch/transnext-small-224-1k" in out
+
+
+def test_info_json_robustness_and_filter(capsys) -> None:
+    assert main(["info", "transnext_small", "--robustness", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["transnext_small.in1k", "transnext_small.in1k_384"]
+    assert rows[0]["robustness"] == {"imagenet_a": 47.1, "imagenet_r": 52.5, "imagenet_sketch": 39.7,
+                                     "imagenet_v2": 74.8, "imagenet_c_mce": 43.9}
+    assert rows[1]["robustness"] == {"imagenet_a": 58.3} and rows[1]["gflops"] == 32.1
+
+
+def test_info_measure_markdown(capsys) -> None:
+    assert main(["info", "transnext_micro.in1k", "--measure", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| model | res | params (M) | GFLOPs | top-1 | measured params (M) | measured GFLOPs |")
+    assert out[2].startswith("| transnext_micro.in1k | 224 | 12.8 | 2.7 | 82.5 | 12.81 | 2.65 |")
+
+
+def test_info_unknown_name(capsys) -> None:
+    assert main(["info", "transnext_smal"]) == 1
+    assert "unknown model 'transnext_smal'; did you mean 'transnext_small'" in capsys.readouterr().err
+
+
+def _write_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    model = TransNeXt(img_size=64, embed_dims=(8, 16, 32, 64), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1), num_classes=3)
+    fill_deterministic(model)
+    sd = model.state_dict()
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}, "epoch": 7}, path)
+    return sd
+
+
+def test_convert_round_trip(tmp_path: Path, capsys) -> None:
+    sd = _write_checkpoint(tmp_path / "ckpt.pth")
+    assert main(["convert", str(tmp_path / "ckpt.pth"), str(tmp_path / "ckpt.safetensors")]) == 0
+    assert f"wrote {tmp_path / 'ckpt.safetensors'} ({len(sd)} tensors" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "ckpt.safetensors"), str(tmp_path / "back.pth")]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
+    # Existing output is kept unless --force.
+    assert main(["convert", str(tmp_path / "ckpt.pth"), str(tmp_path / "back.pth")]) == 1
+    assert "back.pth exists; pass --force" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "ckpt.pth"), str(tmp_path / "back.pth"), "--force"]) == 0
+
+
+def test_convert_checks_variant(tmp_path: Path, capsys) -> None:
+    _write_checkpoint(tmp_path / "small.pth")
+    with pytest.warns(UserWarning, match=r"classifier has shape \(3, 64\), the model's \(3, 384\)"):
+        code = main(["convert", str(tmp_path / "small.pth"), str(tmp_path / "out.safetensors"), "--variant", "transnext_micro"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "small.pth does not fit TransNeXt" in err and "shape mismatches" in err
+    assert not (tmp_path / "out.safetensors").exists()
+    micro = transnext.create_model("transnext_micro", num_classes=0)
+    torch.save(micro.state_dict(), tmp_path / "micro.pth")
+    assert main(["convert", str(tmp_path / "micro.pth"), str(tmp_path / "micro.safetensors"), "--variant", "transnext_micro"]) == 0
+    assert "loads into transnext_micro" in capsys.readouterr().out
+    assert set(load_state_dict(tmp_path / "micro.safetensors")) == set(micro.state_dict())
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage"])
+def test_convert_bad_input_file(tmp_path: Path, capsys, content: bytes) -> None:
+    (tmp_path / "bad.pth").write_bytes(content)
+    assert main(["convert", str(tmp_path / "bad.pth"), str(tmp_path / "out.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "transnext convert: error:" in err and "bad.pth" in err
+    assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
