@@ -196,12 +196,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python < 3.11
-                import tomli as tomllib  # type: ignore[no-redef]
+                try:
+                    import tomli as tomllib  # type: ignore[no-redef]
+                except ModuleNotFoundError:
+                    raise ImportError(f"reading {path} needs Python 3.11+ or the tomli package (pip install tomli)") from None
             data = tomllib.loads(text)
         elif suffix == ".json":
             data = json.loads(text)
         else:
             raise ValueError(f"config file {path}: unknown format {suffix!r} (use .yaml, .yml, .toml or .json)")
+    except ImportError:
+        raise
     except (ValueError, TypeError) as e:
         raise ValueError(f"config file {path} is not valid {suffix[1:].upper()}: {e}") from e
     except Exception as e:  # yaml.YAMLError and friends

@@ -508,7 +508,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 })
             if info.is_main:
                 try:
-                    plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{cfg.model} ({cfg.preset or 'custom'})")
+                    title = cfg.model
+                    if cfg.model_kwargs:
+                        depths = [len(getattr(model, f"block{i + 1}")) for i in range(model.num_stages)]
+                        title = f"TransNeXt dims {'/'.join(map(str, model.embed_dims))}, depths {'/'.join(map(str, depths))}"
+                    title += f" ({cfg.preset} preset)" if cfg.preset else ""
+                    plot_curves(out / "metrics.jsonl", out / "curves.png", title=title)
                 except ImportError:
                     pass
             barrier(info)
