@@ -21,8 +21,7 @@ def populate_hub_cache(cache: Path, repo_id: str, filename: str, obj) -> Path:
     return snapshot / filename
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch) -> Path:
+def make_offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty, offline hub cache in tmp_path (environment and huggingface_hub constants)."""
     import huggingface_hub.constants as hf_constants
 

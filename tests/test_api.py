@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_deterministic, seeded_randn
 
 import transnext
+from conftest import fill_deterministic, seeded_randn
 from transnext.integrations.flops import measure
 from transnext.models import TransNeXt
 

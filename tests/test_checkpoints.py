@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_deterministic, seeded_randn
-from hub_cache import offline_hub, populate_hub_cache  # noqa: F401 (fixture)
 
 import transnext
+from conftest import fill_deterministic, seeded_randn
+from hub_cache import make_offline_hub, populate_hub_cache
 from transnext.checkpoints import (
     CheckpointError,
     checkpoint_filter_fn,
@@ -24,6 +24,11 @@ from transnext.models import TransNeXt
 
 SMALL = dict(img_size=64, embed_dims=(8, 16, 32, 64), num_heads=(1, 2, 4, 8), mlp_ratios=(8, 8, 4, 4),
              depths=(1, 1, 1, 1), sr_ratios=(8, 4, 2, 1))
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return make_offline_hub(tmp_path, monkeypatch)
 
 
 def small_model(num_classes: int = 5, fill: bool = True) -> TransNeXt:
@@ -102,7 +107,8 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path: Path) -> None:
     payload.marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pth"
     torch.save({"model": small_model().state_dict(), "extra": payload}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load: unpickling the file needs the Python object '\w+'.*can execute code"):
+    with pytest.raises(CheckpointError,
+                       match=r"evil\.pth: refused to load: unpickling the file needs the Python object '\w+'.*can execute code"):
         load_checkpoint(small_model(fill=False), path)
     assert not payload.marker.exists()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_deterministic
 
 import transnext
+from conftest import fill_deterministic
 from transnext.checkpoints import load_state_dict
 from transnext.cli.main import main
 from transnext.models import TransNeXt

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_deterministic, seeded_randn
 
 import transnext
+from conftest import fill_deterministic, seeded_randn
 from transnext.checkpoints import save_state_dict
 from transnext.dense import DENSE_PRESETS, TransNeXtBackbone, TransNeXtFPN, create_backbone
 from transnext.models import TransNeXt

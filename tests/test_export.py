@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_deterministic
 
+from conftest import fill_deterministic
 from transnext.models import TransNeXt
 
 SMALL = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), mlp_ratios=(8, 8, 4, 4), depths=(1, 1, 2, 1))

@@ -6,16 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import fill_deterministic, seeded_randn
-from hub_cache import offline_hub, populate_hub_cache  # noqa: F401 (fixture)
+from hub_cache import make_offline_hub, populate_hub_cache
 
 timm = pytest.importorskip("timm")
-import timm.optim  # noqa: E402
+pytest.importorskip("timm.optim")
 
 import transnext  # noqa: E402  (registers the variants)
 from transnext.models import TransNeXt  # noqa: E402
 
 SMALL = dict(embed_dims=(8, 16, 32, 64), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1))
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return make_offline_hub(tmp_path, monkeypatch)
 
 
 def test_variants_and_weights_registered() -> None:

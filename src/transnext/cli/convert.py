@@ -19,11 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from ..checkpoints import convert_checkpoint, load_checkpoint, load_state_dict
-
-    import sys
 
     dst = Path(args.dst)
     if dst.exists() and not args.force:
