@@ -1,0 +1,21 @@
+"""``transnext benchmark``: speed and memory of the attention backends, side by side.
+
+The work is in :mod:`transnext.benchmark` (also ``python -m transnext.benchmark``); this module
+only wires it into the command line and keeps its imports lazy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmark import add_arguments as _add
+
+    _add(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..benchmark import run as _run
+
+    return _run(args)
