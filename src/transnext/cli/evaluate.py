@@ -31,6 +31,19 @@ def _parse_spec(spec: str) -> tuple[str, str]:
     return "auto", spec
 
 
+def _finite(obj):
+    """NaN/inf (e.g. no images) -> null, so the file is valid JSON."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -59,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(table, end="")
     if args.output:
         out = Path(args.output)
-        payload = json.dumps({**meta, "results": results}, indent=2, default=str)
+        payload = json.dumps(_finite({**meta, "results": results}), indent=2, default=str)
         atomic_write(out, lambda tmp: Path(tmp).write_text(payload))
         atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table))
         print(f"results written to {out} and {out.with_suffix('.md')}", file=sys.stderr)

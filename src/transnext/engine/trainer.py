@@ -177,10 +177,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     info = init_distributed(cfg.device)
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return _train(cfg, info)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         cleanup(info)
 
 
