@@ -159,6 +159,9 @@ def test_prune_and_reset_classifier() -> None:
     for a, b in zip(feats, again):
         torch.testing.assert_close(a, b)
 
+    model.reset_classifier(3, "avg")  # head on the width of the last kept stage
+    assert model(x).shape == (1, 3) and model.num_features == 16
+
     model = tiny_config()
     model.reset_classifier(3)
     assert model.get_classifier().out_features == 3 and model.get_classifier().weight.dtype == torch.float64
@@ -211,3 +214,17 @@ def test_drop_path_schedule() -> None:
     model = transnext.create_model("transnext_micro", drop_path_rate=0.15)
     rates = [b.drop_path.drop_prob for i in range(1, 5) for b in getattr(model, f"block{i}")]
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.15) and rates == sorted(rates)
+
+
+def test_constructs_on_meta_device() -> None:
+    with torch.device("meta"):
+        model = transnext.create_model("transnext_tiny", drop_path_rate=0.25)
+    assert model.head.weight.is_meta and model.block3[14].drop_path.drop_prob == pytest.approx(0.25)
+
+
+def test_pretrained_cfg_is_a_timm_style_dict() -> None:
+    model = transnext.create_model("transnext_small.in1k_384")
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bicubic"
+    assert cfg["hf_hub_id"] == "DaiShiResearch/transnext-small-384-1k-ft-1k"
+    assert model.weights.top1 == 86.0 and model.pretrain_size == (224, 224) and model.img_size == (384, 384)

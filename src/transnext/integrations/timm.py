@@ -34,25 +34,10 @@ PAPER_ID = "arXiv:2311.17132"
 
 def pretrained_cfg(w: Weights) -> dict[str, Any]:
     """timm pretrained config of one published checkpoint."""
-    return dict(
-        hf_hub_id=w.hf_hub_id,
-        hf_hub_filename=w.filename,
-        num_classes=w.num_classes,
-        input_size=(3, w.img_size, w.img_size),
-        crop_pct=w.crop_pct,
-        crop_mode=w.crop_mode,
-        interpolation=w.interpolation,
-        mean=w.mean,
-        std=w.std,
-        first_conv="patch_embed1.proj",
-        classifier="head",
-        fixed_input_size=False,
-        license="apache-2.0",
-        paper_name=PAPER,
-        paper_ids=PAPER_ID,
-        origin_url=f"https://huggingface.co/{w.hf_hub_id}",
-        notes=(f"ImageNet-1K top-1 {w.top1}", f"pretrain_size {w.pretrain_size}"),
-    )
+    cfg = w.as_pretrained_cfg()
+    for key in ("architecture", "tag", "url"):  # timm fills these from the registered name / hub id
+        cfg.pop(key)
+    return dict(cfg, paper_name=PAPER, paper_ids=PAPER_ID)
 
 
 def _ordered_weights() -> list[Weights]:

@@ -79,6 +79,29 @@ class Weights:
     def url(self) -> str:
         return f"https://huggingface.co/{self.hf_hub_id}/resolve/main/{self.filename}"
 
+    def as_pretrained_cfg(self) -> dict[str, Any]:
+        """The same record as a timm-style pretrained config (a plain dict; timm not needed)."""
+        return dict(
+            architecture=self.variant,
+            tag=self.tag,
+            hf_hub_id=self.hf_hub_id,
+            hf_hub_filename=self.filename,
+            url=self.url,
+            num_classes=self.num_classes,
+            input_size=(3, self.img_size, self.img_size),
+            crop_pct=self.crop_pct,
+            crop_mode=self.crop_mode,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            first_conv="patch_embed1.proj",
+            classifier="head",
+            fixed_input_size=False,
+            license="apache-2.0",
+            origin_url=f"https://huggingface.co/{self.hf_hub_id}",
+            notes=(f"ImageNet-1K top-1 {self.top1}", f"pretrain_size {self.pretrain_size}"),
+        )
+
     @property
     def transforms(self) -> dict[str, Any]:
         """Evaluation preprocessing (SPEC section 7): resize short side to size/crop_pct + centre crop
@@ -210,7 +233,8 @@ def create_model(
         drop_path_rate=drop_path_rate,
         **kwargs,
     )
-    model.pretrained_cfg = weights
+    model.weights = weights
+    model.pretrained_cfg = model.default_cfg = weights.as_pretrained_cfg()  # timm data helpers read it
     if pretrained and checkpoint_path is None:
         from ..checkpoints import download_weights
 

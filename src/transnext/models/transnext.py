@@ -406,7 +406,9 @@ class TransNeXt(nn.Module):
                     "bias needs at least 2 per axis (pretrain_size >= 64)"
                 )
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        # Plain arithmetic (not torch.linspace) so the constructor also runs on the meta device.
+        dpr = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
         cur = 0
         self.feature_info = []
         for i in range(self.num_stages):
@@ -664,6 +666,7 @@ class TransNeXt(nn.Module):
                 delattr(self, name)
         self.num_stages = max(take) + 1
         self.feature_info = self.feature_info[: self.num_stages]
+        self.num_features = self.head_hidden_size = self.embed_dims[self.num_stages - 1]
         if prune_head:
             self.reset_classifier(0, "")
         return take
