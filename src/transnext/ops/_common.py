@@ -16,9 +16,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The autocast dtype for x's device if autocast is on and would lower x, else None."""
+    """The dtype autocast would run x's matmuls in (inputs and weights alike), else None."""
     dev = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
 
