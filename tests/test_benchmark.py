@@ -28,7 +28,7 @@ def test_benchmark_tool_runs_cases_and_writes_table_json_plot(tmp_path, capsys) 
     for r in results:
         assert "error" not in r, r
         assert r["images_per_s"] > 0 and r["latency_ms"] > 0
-        assert r["peak_mb"] >= 0 and r["peak_reset"]
+        assert r["peak_mb"] >= 0 and r["peak_default_mb"] >= 0 and r["peak_reset"]
         assert r["gflops_per_s"] > 0 and 0 < r["matmul_fraction"]
         assert r["flops_per_image"] == pytest.approx(results[0]["flops_per_image"])
     ref = next(r for r in results if r["backend"] == "reference" and r["mode"] == "infer")

@@ -7,6 +7,12 @@ its peak memory is its own:
 * CPU: peak resident set size (``VmHWM``; ``ru_maxrss`` where it cannot be reset) minus the RSS
   after building the model and one tiny no-grad forward that loads the compute kernels. For
   training this includes gradients and optimizer state, which are the same for every backend.
+  glibc's default malloc keeps freed blocks of up to 32 MiB resident and adapts that limit as
+  the program runs, so its RSS peak drifts between runs and iterations. The headline figure
+  (``peak_mb``) therefore comes from a second fresh process per case that runs two steps with
+  ``MALLOC_MMAP_THRESHOLD_=262144`` (every block from 256 KiB up is returned to the system when
+  freed), which tracks what the step actually holds; the RSS peak of the timing process under
+  the default allocator is reported too (``peak_default_mb``).
 * CUDA: allocator statistics, ``torch.cuda.max_memory_allocated()`` minus the memory allocated
   after building.
 
@@ -57,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run every case this many times, interleaved; keep the fastest")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case before it is recorded as failed")
     parser.add_argument("--no-matmul-rate", action="store_true", help="skip measuring the fp32 matmul rate")
+    parser.add_argument("--no-memory-run", action="store_true",
+                        help="CPU: report the timing process's RSS peak only (no second process per case)")
     parser.add_argument("--output", default="benchmark.json", metavar="PATH", help="JSON results ('' to skip)")
     parser.add_argument("--plot", default="benchmark.png", metavar="PATH", help="PNG plot ('' to skip; needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -84,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
     for r in range(args.rounds):
         for i, case in enumerate(cases):
             log(f"[round {r + 1}/{args.rounds}] case {i + 1}/{len(cases)}: {_label(case)} ...")
-            res = _subprocess(case, args.timeout)
-            res = dict(case, **res)
+            res = dict(case, **_subprocess(case, args.timeout))
+            if "error" not in res and not case["device"].startswith("cuda") and not args.no_memory_run:
+                mem = _subprocess(dict(case, phase="memory"), args.timeout, {"MALLOC_MMAP_THRESHOLD_": "262144"})
+                res["peak_default_mb"] = res["peak_mb"]
+                res["peak_mb"] = mem.get("peak_mb")
+                if "error" in mem:
+                    res["memory_error"] = mem["error"]
             if i not in best or _better(res, best[i]):
                 best[i] = res
     results = [best[i] for i in range(len(cases))]
@@ -134,6 +147,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     if args.rounds != 1:
         parts += ["--rounds", str(args.rounds)]
+    if args.no_memory_run:
+        parts.append("--no-memory-run")
     return " ".join(parts)
 
 
@@ -155,9 +170,9 @@ def _better(a: dict, b: dict) -> bool:
     return "error" not in a and a["latency_ms"] < b["latency_ms"]
 
 
-def _subprocess(job: dict, timeout: float) -> dict:
+def _subprocess(job: dict, timeout: float, extra_env: dict | None = None) -> dict:
     """Run one case in a fresh interpreter; returns its JSON result or {'error': ...}."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     threads = str(job.get("threads", 1))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TRANSNEXT_ATTN_BACKEND=job["backend"])
     cmd = [sys.executable, "-m", "transnext.benchmark", "--case", json.dumps(job)]
@@ -188,7 +203,9 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "load_before": _loadavg(),
         "memory_measure": "CUDA allocator max_memory_allocated minus allocated after build" if args.device.startswith("cuda")
-        else "peak RSS (VmHWM) minus RSS after build + one tiny no-grad forward, in a fresh process per case",
+        else "peak RSS (VmHWM) minus RSS after build + one tiny no-grad forward, fresh process per case"
+        + ("" if args.no_memory_run else ", two steps with MALLOC_MMAP_THRESHOLD_=262144 (default-malloc RSS peak "
+           "of the timing process in peak_default_mb)"),
         "timing": f"median of {args.repeats} after {args.warmup} warm-up iterations; best of {args.rounds} round(s)",
     }
     if args.device.startswith("cuda") and torch.cuda.is_available():
@@ -363,11 +380,12 @@ def _time_case(job: dict) -> dict:
             scaler.step(opt)
             scaler.update()
 
-    for _ in range(job["warmup"]):
+    memory_only = job.get("phase") == "memory"
+    for _ in range(0 if memory_only else job["warmup"]):
         step()
     _sync(dev)
     times = []
-    for _ in range(max(1, job["repeats"])):
+    for _ in range(2 if memory_only else max(1, job["repeats"])):
         t = time.perf_counter()
         step()
         _sync(dev)
@@ -390,20 +408,22 @@ def _time_case(job: dict) -> dict:
 # ----------------------------------------------------------------------------------------- output
 def format_table(results: list[dict], env: dict, markdown: bool = False) -> str:
     head = ["variant", "size", "pool", "batch", "mode", "backend", "img/s", "latency ms", "peak MB",
-            "GFLOP/s", "% matmul", "speed x ref", "memory x ref"]
+            "GFLOP/s", "% matmul", "speed x ref", "memory x ref", "peak MB (default malloc)"]
     rows = []
     for r in results:
         if "error" in r:
             rows.append([r["variant"], r["size"], r.get("fixed_pool_size") or "-", r["batch"], r["mode"], r["backend"],
-                         "error: " + r["error"][:60], "", "", "", "", "", ""])
+                         "error: " + r["error"][:60], "", "", "", "", "", "", ""])
             continue
         rows.append([
             r["variant"], r["size"], r.get("fixed_pool_size") or "-", r["batch"], r["mode"], r["backend"],
-            f"{r['images_per_s']:.2f}", f"{r['latency_ms']:.0f}", f"{r['peak_mb']:.0f}",
+            f"{r['images_per_s']:.2f}", f"{r['latency_ms']:.0f}",
+            f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "?",
             f"{r['gflops_per_s']:.1f}" if "gflops_per_s" in r else "",
             f"{100 * r['matmul_fraction']:.0f}%" if "matmul_fraction" in r else "",
             f"{r['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in r else "",
             f"{r['memory_vs_reference']:.2f}" if "memory_vs_reference" in r else "",
+            f"{r['peak_default_mb']:.0f}" if "peak_default_mb" in r else "",
         ])
     rows = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -448,7 +468,7 @@ def plot(results: list[dict], path: str) -> bool:
             if hit:
                 xs.append(i + j * width)
                 ips.append(hit[0]["images_per_s"])
-                mem.append(hit[0]["peak_mb"])
+                mem.append(hit[0].get("peak_mb") or 0.0)
         axes[0].bar(xs, ips, width, label=be)
         axes[1].bar(xs, mem, width, label=be)
     labels = [f"{v.replace('transnext_', '')}\n{s}px B{b}\n{m}" for v, s, b, m in configs]
@@ -460,7 +480,8 @@ def plot(results: list[dict], path: str) -> bool:
         ax = axes[2]
         for be in backends:
             for mode in MODES:
-                pts = sorted((r["size"] ** 2 / 1e6, r["peak_mb"]) for r in ok if r["backend"] == be and r["mode"] == mode)
+                pts = sorted((r["size"] ** 2 / 1e6, r["peak_mb"]) for r in ok
+                             if r["backend"] == be and r["mode"] == mode and r.get("peak_mb") is not None)
                 if len(pts) > 1:
                     ax.plot(*zip(*pts), marker="o", label=f"{be} {mode}")
         ax.set_xlabel("megapixels per image")

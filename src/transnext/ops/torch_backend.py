@@ -92,8 +92,8 @@ class _AggregatedAttention(torch.autograd.Function):
                 torch.mul(qs5, k_pad[:, :, i : i + H, j : j + W], out=tmp)
                 torch.sum(tmp, dim=-1, out=logits[:, :, o].view(B, h, H, W))
             del tmp
-            torch.matmul(kp_hat, qs.transpose(-1, -2), out=logits[:, :, L:])
-            logits[:, :, L:] += pool_bias.to(dt).transpose(-1, -2)
+            # (A matmul straight into the slab takes a slow per-batch path: add the bias on the copy.)
+            torch.add(torch.matmul(kp_hat, qs.transpose(-1, -2)), pool_bias.to(dt).transpose(-1, -2), out=logits[:, :, L:])
             logits[:, :, :L] += _local_table(local_bias, padding_mask, dt)
             probs = torch.softmax(logits, dim=-2)
             del logits
@@ -144,7 +144,7 @@ class _AggregatedAttention(torch.autograd.Function):
                 torch.mul(g5, v_pad[:, :, i : i + H, j : j + W], out=tmp)
                 torch.sum(tmp, dim=-1, out=d_probs[:, :, o].view(B, h, H, W))
             del tmp
-            torch.matmul(vp, g.transpose(-1, -2), out=d_probs[:, :, L:])
+            d_probs[:, :, L:] = torch.matmul(vp, g.transpose(-1, -2))
             d_w = d_probs[:, :, :L]
             tokens = learnable_tokens.to(dt)
             d_tokens = torch.matmul(q_hat.transpose(-1, -2), d_w.transpose(-1, -2)).sum(0) if needs[10] else None
