@@ -140,30 +140,51 @@ def conv_glu(
 def _inference(x, w1, b1, wd, bd, w2, b2, size):
     """No-grad path: in chunks of images or row bands, in place where possible.
 
-    Row bands carry one halo row above and below for the 3x3 depthwise conv.
+    Row bands carry one halo row above and below for the 3x3 depthwise conv. The gate and value
+    of every chunk are written into the same two buffers (fresh multi-MB buffers per chunk cost
+    page faults under glibc's default malloc).
     """
-    chunks = inference_chunks(x, size, bands=True)
-    if chunks is None:
-        return _glu_chunk(x, w1, b1, wd, bd, w2, b2, size, 0, size[0])
     B, N, _ = x.shape
     H, W = size
+    chunks = inference_chunks(x, size, bands=True) or [(0, B, 0, H)]
+    ws = {} if autocast_dtype(x) is None else None  # out= matmuls do not take part in autocast
     out = None
     for b0, b1_, y0, y1 in chunks:
         ya, yb = max(0, y0 - 1), min(H, y1 + 1)
-        res = _glu_chunk(x[b0:b1_, ya * W : yb * W], w1, b1, wd, bd, w2, b2, (yb - ya, W), y0 - ya, y1 - ya)
+        res = _glu_chunk(x[b0:b1_, ya * W : yb * W], w1, b1, wd, bd, w2, b2, (yb - ya, W), y0 - ya, y1 - ya, ws)
+        if len(chunks) == 1:
+            return res
         if out is None:
             out = res.new_empty((B, N, res.shape[-1]))
         out[b0:b1_, y0 * W : y1 * W] = res
     return out
 
 
-def _glu_chunk(x, w1, b1, wd, bd, w2, b2, size, r0, r1):
+def _linear_into(ws: dict | None, name: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """F.linear(x, w, b), written into a reusable buffer of ``ws`` when given."""
+    if ws is None or x.dim() != 3:
+        return F.linear(x, w, b)
+    rows = x.shape[0] * x.shape[1]
+    numel = rows * w.shape[0]
+    buf = ws.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
+        buf = ws[name] = torch.empty(numel, dtype=x.dtype, device=x.device)
+    out = buf[:numel].view(rows, w.shape[0])
+    x2 = x.reshape(rows, x.shape[-1])
+    if b is None:
+        torch.mm(x2, w.t(), out=out)
+    else:
+        torch.addmm(b, x2, w.t(), out=out)
+    return out.view(x.shape[0], x.shape[1], w.shape[0])
+
+
+def _glu_chunk(x, w1, b1, wd, bd, w2, b2, size, r0, r1, ws=None):
     """Conv-GLU on x over ``size``; only output rows r0..r1 (the rest is halo) are computed past the conv."""
     hid = w2.shape[1]
     W = size[1]
-    gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
+    gate = _linear_into(ws, "gate", x, w1[:hid], None if b1 is None else b1[:hid])
     x_rows = x if (r0, r1) == (0, size[0]) else x[:, r0 * W : r1 * W]
-    value = F.linear(x_rows, w1[hid:], None if b1 is None else b1[hid:])
+    value = _linear_into(ws, "value", x_rows, w1[hid:], None if b1 is None else b1[hid:])
     conv = _dwconv(gate, wd, bd, size)
     del gate
     if (r0, r1) != (0, size[0]):

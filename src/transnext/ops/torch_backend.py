@@ -14,6 +14,8 @@ of the same algorithm is used instead, so graphs see only standard ops.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,6 +45,26 @@ def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype: torch.dtype) -
     neg = torch.zeros(padding_mask.t().shape, dtype=dtype, device=local_bias.device)
     neg.masked_fill_(padding_mask.t().to(local_bias.device), float("-inf"))
     return local_bias.to(dtype).unsqueeze(-1) + neg
+
+
+_LAST_TABLE: list = [None, None, None]  # (weakref to the source, key, keys-major copy)
+
+
+def _keys_major(pool_bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """(h, Np, N) contiguous copy of the (h, N, Np) position bias.
+
+    At inference the model serves the same cached bias to every batch chunk of a layer; the
+    transposed copy of the last one is kept, so the chunks share it.
+    """
+    if pool_bias.requires_grad:
+        return pool_bias.to(dtype).transpose(-1, -2).contiguous()
+    key = (pool_bias._version, tuple(pool_bias.shape), tuple(pool_bias.stride()), dtype, pool_bias.device)
+    ref, last_key, table = _LAST_TABLE
+    if ref is not None and ref() is pool_bias and last_key == key:
+        return table
+    table = pool_bias.to(dtype).transpose(-1, -2).contiguous()
+    _LAST_TABLE[:] = [weakref.ref(pool_bias), key, table]
+    return table
 
 
 class _AggregatedAttention(torch.autograd.Function):
@@ -77,8 +99,7 @@ class _AggregatedAttention(torch.autograd.Function):
             q_norm = normalize_into(q, q_hat)
             k_pad = _padded(k, size, r, dt)
             k_norm = normalize_into(k.unflatten(2, (H, W)), k_pad[:, :, r : r + H, r : r + W])
-            v_pad = _padded(v, size, r, dt)
-            v_pad[:, :, r : r + H, r : r + W].copy_(v.unflatten(2, (H, W)))
+            v_pad = F.pad(v.unflatten(2, (H, W)).to(dt), (0, 0, r, r, r, r)).contiguous()
             kp_hat = torch.empty(k_pool.shape, dtype=dt, device=q.device)
             kp_norm = normalize_into(k_pool, kp_hat)
             vp = v_pool.to(dt)
@@ -93,7 +114,8 @@ class _AggregatedAttention(torch.autograd.Function):
                 torch.sum(tmp, dim=-1, out=logits[:, :, o].view(B, h, H, W))
             del tmp
             # (A matmul straight into the slab takes a slow per-batch path: add the bias on the copy.)
-            torch.add(torch.matmul(kp_hat, qs.transpose(-1, -2)), pool_bias.to(dt).transpose(-1, -2), out=logits[:, :, L:])
+            pool_table = _keys_major(pool_bias, dt)
+            torch.add(torch.matmul(kp_hat, qs.transpose(-1, -2)), pool_table, out=logits[:, :, L:])
             logits[:, :, :L] += _local_table(local_bias, padding_mask, dt)
             probs = torch.softmax(logits, dim=-2)
             del logits
