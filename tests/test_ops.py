@@ -262,6 +262,10 @@ def test_model_backends_agree_with_chunked_inference(monkeypatch, fixed_pool_siz
             outs[backend] = model(x)
     for backend in BACKENDS:
         assert_close(outs[backend], outs["reference"], f"{backend} logits")
+        ops.set_backend(model, backend)
+        with torch.inference_mode():  # inference tensors (no version counters) take the same path
+            assert_close(model(x), outs["reference"], f"{backend} logits in inference mode")
+            assert_close(model(x[:3]), outs["reference"][:3], f"{backend} logits, cached tables, other batch")
 
 
 def test_model_training_gradients_agree_float64() -> None:

@@ -58,7 +58,11 @@ def _keys_major(pool_bias: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if pool_bias.requires_grad:
         return pool_bias.to(dtype).transpose(-1, -2).contiguous()
-    key = (pool_bias._version, tuple(pool_bias.shape), tuple(pool_bias.stride()), dtype, pool_bias.device)
+    try:
+        version = pool_bias._version
+    except RuntimeError:  # an inference tensor: no version counter, and not modifiable outside inference mode
+        version = None
+    key = (version, tuple(pool_bias.shape), tuple(pool_bias.stride()), dtype, pool_bias.device)
     ref, last_key, table = _LAST_TABLE
     if ref is not None and ref() is pool_bias and last_key == key:
         return table
