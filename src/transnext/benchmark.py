@@ -12,7 +12,9 @@ its peak memory is its own:
   (``peak_mb``) therefore comes from a second fresh process per case that runs two steps with
   ``MALLOC_MMAP_THRESHOLD_=262144`` (every block from 256 KiB up is returned to the system when
   freed), which tracks what the step actually holds; the RSS peak of the timing process under
-  the default allocator is reported too (``peak_default_mb``).
+  the default allocator is reported too (``peak_default_mb``). The first step also builds the
+  size-dependent tables (position bias of a new input size, optimizer state); the peak of the
+  second step alone is ``steady_peak_mb``.
 * CUDA: allocator statistics, ``torch.cuda.max_memory_allocated()`` minus the memory allocated
   after building.
 
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
                 mem = _subprocess(dict(case, phase="memory"), args.timeout, {"MALLOC_MMAP_THRESHOLD_": "262144"})
                 res["peak_default_mb"] = res["peak_mb"]
                 res["peak_mb"] = mem.get("peak_mb")
+                res["steady_peak_mb"] = mem.get("steady_peak_mb")
                 if "error" in mem:
                     res["memory_error"] = mem["error"]
             if i not in best or _better(res, best[i]):
@@ -380,21 +383,37 @@ def _time_case(job: dict) -> dict:
             scaler.step(opt)
             scaler.update()
 
-    memory_only = job.get("phase") == "memory"
-    for _ in range(0 if memory_only else job["warmup"]):
+    def peak_now() -> float:
+        if dev.type == "cuda":
+            return torch.cuda.max_memory_allocated(dev) / 2**20 - base
+        return _peak_rss_mb() - base
+
+    if job.get("phase") == "memory":
+        # Step 1 includes one-time work (position-bias tables of a new size, optimizer state);
+        # step 2 alone is the steady state.
+        step()
+        _sync(dev)
+        first = peak_now()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            _reset_peak_rss()
+        step()
+        _sync(dev)
+        steady = peak_now()
+        return {"peak_mb": max(first, steady), "steady_peak_mb": steady}
+
+    for _ in range(job["warmup"]):
         step()
     _sync(dev)
     times = []
-    for _ in range(2 if memory_only else max(1, job["repeats"])):
+    for _ in range(max(1, job["repeats"])):
         t = time.perf_counter()
         step()
         _sync(dev)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20 - base
-    else:
-        peak = _peak_rss_mb() - base
+    peak = peak_now()
     return {
         "latency_ms": med * 1e3,
         "latency_min_ms": min(times) * 1e3,
@@ -408,12 +427,12 @@ def _time_case(job: dict) -> dict:
 # ----------------------------------------------------------------------------------------- output
 def format_table(results: list[dict], env: dict, markdown: bool = False) -> str:
     head = ["variant", "size", "pool", "batch", "mode", "backend", "img/s", "latency ms", "peak MB",
-            "GFLOP/s", "% matmul", "speed x ref", "memory x ref", "peak MB (default malloc)"]
+            "GFLOP/s", "% matmul", "speed x ref", "memory x ref", "step-2 MB", "default-malloc MB"]
     rows = []
     for r in results:
         if "error" in r:
             rows.append([r["variant"], r["size"], r.get("fixed_pool_size") or "-", r["batch"], r["mode"], r["backend"],
-                         "error: " + r["error"][:60], "", "", "", "", "", "", ""])
+                         "error: " + r["error"][:60], "", "", "", "", "", "", "", ""])
             continue
         rows.append([
             r["variant"], r["size"], r.get("fixed_pool_size") or "-", r["batch"], r["mode"], r["backend"],
@@ -423,6 +442,7 @@ def format_table(results: list[dict], env: dict, markdown: bool = False) -> str:
             f"{100 * r['matmul_fraction']:.0f}%" if "matmul_fraction" in r else "",
             f"{r['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in r else "",
             f"{r['memory_vs_reference']:.2f}" if "memory_vs_reference" in r else "",
+            f"{r['steady_peak_mb']:.0f}" if r.get("steady_peak_mb") is not None else "",
             f"{r['peak_default_mb']:.0f}" if "peak_default_mb" in r else "",
         ])
     rows = [[str(c) for c in row] for row in rows]
@@ -480,10 +500,11 @@ def plot(results: list[dict], path: str) -> bool:
         ax = axes[2]
         for be in backends:
             for mode in MODES:
-                pts = sorted((r["size"] ** 2 / 1e6, r["peak_mb"]) for r in ok
-                             if r["backend"] == be and r["mode"] == mode and r.get("peak_mb") is not None)
-                if len(pts) > 1:
-                    ax.plot(*zip(*pts), marker="o", label=f"{be} {mode}")
+                for key, style, what in (("peak_mb", "-", "peak"), ("steady_peak_mb", "--", "step 2")):
+                    pts = sorted((r["size"] ** 2 / 1e6, r[key]) for r in ok
+                                 if r["backend"] == be and r["mode"] == mode and r.get(key) is not None)
+                    if len(pts) > 1:
+                        ax.plot(*zip(*pts), style, marker="o", label=f"{be} {mode} ({what})")
         ax.set_xlabel("megapixels per image")
         ax.set_ylabel("peak memory above model, MB")
         ax.set_title("memory vs pixels")
