@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fill_deterministic, seeded_randn
 
 import transnext
+from conftest import fill_deterministic, seeded_randn
 from transnext.models import TransNeXt
 
 
