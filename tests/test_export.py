@@ -41,9 +41,6 @@ def test_compile_matches_eager_aot_eager() -> None:
     assert _compile_matches_eager("aot_eager") <= 1e-5
 
 
-@pytest.mark.xfail(reason="transnext.ops._load calls importlib.import_module on every attention call, which "
-                          "dynamo cannot trace (one graph break per layer); caching the modules in a dict fixes it",
-                   strict=False)
 def test_compile_single_graph() -> None:
     torch._dynamo.reset()
     model = small_model()

@@ -55,8 +55,16 @@ _MODULES = {
 }
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _load(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+    # A plain dict lookup after the first import: torch.compile traces through it without a
+    # graph break (importlib.import_module is opaque to it).
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return mod
 
 
 def _triton_importable() -> bool:

@@ -18,7 +18,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast would run x's matmuls in (inputs and weights alike), else None."""
     dev = x.device.type
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+    # Devices without autocast (e.g. meta, used for FLOP counting) raise in is_autocast_enabled.
+    if (
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and torch.amp.is_autocast_available(dev)
+        and torch.is_autocast_enabled(dev)
+    ):
         return torch.get_autocast_dtype(dev)
     return None
 
