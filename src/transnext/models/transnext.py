@@ -227,7 +227,9 @@ class AggregatedAttention(_CosineAttentionBase):
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
-        chunks = ops.inference_chunks(x, (H, W))
+        # The reference formulation runs the whole batch at once, as the original does.
+        reference = ops.resolve_backend(self.attn_backend, x.device.type) == "reference"
+        chunks = None if reference else ops.inference_chunks(x, (H, W))
         if chunks is None:
             return self._forward(x, H, W, geom)
         # Inference: groups of images, so transient buffers stay small (same result).
