@@ -187,6 +187,23 @@ def test_full_attention_matches_reference(dtype) -> None:
         assert_close(a, b, f"grad of {name}", tol)
 
 
+def test_full_attention_in_query_blocks(monkeypatch) -> None:
+    """Large last-stage grids run in blocks of query rows: same outputs and gradients."""
+    torch_backend = importlib.import_module("transnext.ops.torch_backend")
+    monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 2 * 3 * 35 * 8 * 4)  # 4 rows per block
+    t = fa_inputs(2, 3, 35, 8)
+    g = torch.randn(2, 3, 35, 8, dtype=torch.float64)
+    res = {}
+    for backend in ("reference", "torch"):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        out = ops.full_attention(leaves["q"], leaves["k"], leaves["v"], leaves["query_embedding"], leaves["temperature"],
+                                 math.log(35), leaves["bias"], 0.0, False, backend)
+        res[backend] = (out, torch.autograd.grad(out, list(leaves.values()), g))
+    assert_close(res["torch"][0], res["reference"][0], "output")
+    for name, a, b in zip(t, res["torch"][1], res["reference"][1]):
+        assert_close(a, b, f"grad of {name}")
+
+
 def glu_inputs(B, size, C, hid, dtype=torch.float64):
     g = torch.Generator().manual_seed(3)
 

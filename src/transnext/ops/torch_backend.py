@@ -302,6 +302,11 @@ def aggregated_attention(
     )
 
 
+# Full attention is run in blocks of query rows once its (B, h, N, N) logits would pass this
+# size: at 2048 px the last stage has N = 4096 tokens, i.e. 1.6 GB per (h, N, N) tensor.
+FULL_ATTENTION_BLOCK_BYTES = 64 << 20
+
+
 def full_attention(
     q: Tensor,
     k: Tensor,
@@ -316,6 +321,15 @@ def full_attention(
     """Scaled queries through ``scaled_dot_product_attention`` with the bias as additive mask."""
     q_scaled = (F.normalize(q, dim=-1) + query_embedding) * F.softplus(temperature) * length_scale
     k_hat = F.normalize(k, dim=-1)
-    return F.scaled_dot_product_attention(
-        q_scaled, k_hat, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=attn_drop if training else 0.0, scale=1.0
-    )
+    bias = bias.to(q_scaled.dtype)
+    p = attn_drop if training else 0.0
+    B, h, N, _ = q_scaled.shape
+    rows = max(1, FULL_ATTENTION_BLOCK_BYTES // (q_scaled.element_size() * B * h * k_hat.shape[-2]))
+    if rows >= N or is_tracing():
+        return F.scaled_dot_product_attention(q_scaled, k_hat, v, attn_mask=bias, dropout_p=p, scale=1.0)
+    out = q_scaled.new_empty((B, h, N, v.shape[-1]))
+    for i in range(0, N, rows):
+        out[:, :, i : i + rows] = F.scaled_dot_product_attention(
+            q_scaled[:, :, i : i + rows], k_hat, v, attn_mask=bias[..., i : i + rows, :], dropout_p=p, scale=1.0
+        )
+    return out
