@@ -229,6 +229,22 @@ def test_conv_glu_matches_plain(size) -> None:
         assert_close(a, b, f"grad {i}")
 
 
+def test_conv_glu_training_in_batch_chunks(monkeypatch) -> None:
+    """Forward and backward of the fused op in chunks of images (odd batch: last chunk of one)."""
+    common = importlib.import_module("transnext.ops._common")
+    monkeypatch.setattr(common, "MIN_CHUNK_TOKENS", 8)
+    args = glu_inputs(5, (3, 4), 6, 10)
+    g = torch.randn(5, 12, 6, dtype=torch.float64)
+    outs = {}
+    for backend in ("reference", "torch"):
+        leaves = [a.clone().requires_grad_(True) for a in args]
+        out = ops.conv_glu(*leaves, (3, 4), 0.0, True, backend)
+        outs[backend] = (out, torch.autograd.grad(out, leaves, g))
+    assert_close(outs["torch"][0], outs["reference"][0], "output")
+    for i, (a, b) in enumerate(zip(outs["torch"][1], outs["reference"][1])):
+        assert_close(a, b, f"grad {i}")
+
+
 def test_conv_glu_row_bands_equal_whole_image(monkeypatch) -> None:
     """Inference in row bands (big images) carries halo rows for the 3x3 conv: same result."""
     common = importlib.import_module("transnext.ops._common")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _common
 from ._common import autocast_dtype, inference_chunks, is_tracing
 
 
@@ -38,7 +39,15 @@ def _cast(dtype: torch.dtype | None, *ts: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.to(dtype) for t in ts]
 
 
+def _batch_chunks(B: int, N: int) -> list[tuple[int, int]]:
+    """Groups of images with at least MIN_CHUNK_TOKENS tokens (and two images, see _common)."""
+    per = max(2, -(-_common.MIN_CHUNK_TOKENS // max(1, N)))
+    return [(b, min(B, b + per)) for b in range(0, B, per)]
+
+
 class _ConvGLU(torch.autograd.Function):
+    """Saves x, gate and value; the conv, GELU, product (and their gradients) run per batch chunk."""
+
     @staticmethod
     def forward(ctx, x, w1, b1, wd, bd, w2, b2, size):
         hid = w2.shape[1]
@@ -47,9 +56,12 @@ class _ConvGLU(torch.autograd.Function):
             x, w1, b1, wd, bd, w2, b2 = _cast(low, x, w1, b1, wd, bd, w2, b2)
             gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
             value = F.linear(x, w1[hid:], None if b1 is None else b1[hid:])
-            hidden = _as_tokens(_dwconv(gate, wd, bd, size))
-            hidden = F.gelu(hidden).mul_(value)
-            out = F.linear(hidden, w2, b2)
+            out = torch.empty(x.shape[:-1] + (w2.shape[0],), dtype=x.dtype, device=x.device)
+            for b0, b1_ in _batch_chunks(x.shape[0], x.shape[1]):
+                hidden = _as_tokens(_dwconv(gate[b0:b1_], wd, bd, size))
+                hidden = torch.ops.aten.gelu_(hidden) if hidden.is_contiguous() else F.gelu(hidden)
+                hidden.mul_(value[b0:b1_])
+                out[b0:b1_] = F.linear(hidden, w2, b2)
         ctx.save_for_backward(x, gate, value, w1, wd, bd, w2)
         ctx.size = size
         ctx.has_bias = (b1 is not None, bd is not None, b2 is not None)
@@ -59,45 +71,55 @@ class _ConvGLU(torch.autograd.Function):
     def backward(ctx, grad):
         x, gate, value, w1, wd, bd, w2 = ctx.saved_tensors
         size = ctx.size
-        hid = w2.shape[1]
+        hid, C, c_out = w2.shape[1], x.shape[-1], w2.shape[0]
         needs = ctx.needs_input_grad
+        need_gate = needs[0] or needs[1] or needs[2]
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(x.dtype)
-            conv = _dwconv(gate, wd, bd, size)  # (B, hid, H, W), recomputed
-            conv_t = _as_tokens(conv)
-            act = F.gelu(conv_t)
-            g2 = grad.reshape(-1, grad.shape[-1])
-            d_w2 = d_b2 = None
-            if needs[5]:
-                d_w2 = g2.t() @ (act * value).reshape(-1, hid)
-            if needs[6] and ctx.has_bias[2]:
-                d_b2 = g2.sum(0)
-            d_hidden = grad @ w2  # (B, N, hid)
-            d_value = d_hidden * act
-            del act
-            d_act = d_hidden.mul_(value)
-            d_conv_t = torch.ops.aten.gelu_backward(d_act, conv_t)
-            del d_act, conv_t
-            d_conv = _as_map(d_conv_t, size) if d_conv_t.is_contiguous() else _as_map(d_conv_t.contiguous(), size)
-            d_gate_map, d_wd, d_bd = torch.ops.aten.convolution_backward(
-                d_conv, _as_map(gate, size), wd, [hid] if bd is not None else None,
-                [1, 1], [wd.shape[-1] // 2] * 2, [1, 1], False, [0, 0], hid,
-                [needs[0] or needs[1] or needs[2], needs[3], needs[4] and bd is not None],
-            )
-            del d_conv, conv
-            d_x = d_w1 = d_b1 = None
-            if d_gate_map is not None:
+            d_x = torch.empty_like(x) if needs[0] else None
+            d_w1 = torch.zeros_like(w1) if needs[1] else None
+            d_b1 = x.new_zeros(2 * hid) if needs[2] and ctx.has_bias[0] else None
+            d_wd = torch.zeros_like(wd) if needs[3] else None
+            d_bd = x.new_zeros(hid) if needs[4] and bd is not None else None
+            d_w2 = torch.zeros_like(w2) if needs[5] else None
+            d_b2 = x.new_zeros(c_out) if needs[6] and ctx.has_bias[2] else None
+            for b0, b1_ in _batch_chunks(x.shape[0], x.shape[1]):
+                gs, vs, gr = gate[b0:b1_], value[b0:b1_], grad[b0:b1_]
+                conv_t = _as_tokens(_dwconv(gs, wd, bd, size))  # recomputed
+                act = F.gelu(conv_t)
+                g2 = gr.reshape(-1, c_out)
+                if d_w2 is not None:
+                    d_w2.addmm_(g2.t(), (act * vs).reshape(-1, hid))
+                if d_b2 is not None:
+                    d_b2 += g2.sum(0)
+                d_hidden = gr @ w2  # (b, N, hid)
+                d_value = d_hidden * act
+                del act
+                d_conv_t = torch.ops.aten.gelu_backward(d_hidden.mul_(vs), conv_t)
+                del d_hidden, conv_t
+                d_gate_map, dwd, dbd = torch.ops.aten.convolution_backward(
+                    _as_map(d_conv_t.contiguous(), size), _as_map(gs, size), wd, [hid] if bd is not None else None,
+                    [1, 1], [wd.shape[-1] // 2] * 2, [1, 1], False, [0, 0], hid,
+                    [need_gate, d_wd is not None, d_bd is not None],
+                )
+                del d_conv_t
+                if d_wd is not None:
+                    d_wd += dwd
+                if d_bd is not None:
+                    d_bd += dbd
+                if not need_gate:
+                    continue
                 d_gate = _as_tokens(d_gate_map).reshape(-1, hid)
                 d_val = d_value.reshape(-1, hid)
-                if needs[0]:
-                    d_x = (d_gate @ w1[:hid]).addmm_(d_val, w1[hid:]).view(x.shape)
-                if needs[1]:
-                    x2 = x.reshape(-1, x.shape[-1])
-                    d_w1 = torch.empty_like(w1)
-                    torch.mm(d_gate.t(), x2, out=d_w1[:hid])
-                    torch.mm(d_val.t(), x2, out=d_w1[hid:])
-                if needs[2] and ctx.has_bias[0]:
-                    d_b1 = torch.cat([d_gate.sum(0), d_val.sum(0)])
+                if d_x is not None:
+                    torch.mm(d_gate, w1[:hid], out=d_x[b0:b1_].view(-1, C)).addmm_(d_val, w1[hid:])
+                if d_w1 is not None:
+                    x2 = x[b0:b1_].reshape(-1, C)
+                    d_w1[:hid].addmm_(d_gate.t(), x2)
+                    d_w1[hid:].addmm_(d_val.t(), x2)
+                if d_b1 is not None:
+                    d_b1[:hid] += d_gate.sum(0)
+                    d_b1[hid:] += d_val.sum(0)
         return d_x, d_w1, d_b1, d_wd, d_bd, d_w2, d_b2, None
 
 
