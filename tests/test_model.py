@@ -222,6 +222,20 @@ def test_constructs_on_meta_device() -> None:
     assert model.head.weight.is_meta and model.block4[1].drop_path.drop_prob == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_training_forward_and_backward_on_meta_device(backend: str) -> None:
+    # Shape-only passes (FLOP counters, memory planners) run the training path on meta tensors,
+    # where autocast does not exist.
+    with torch.device("meta"):
+        model = transnext.create_model("transnext_micro", num_classes=7, attn_backend=backend)
+        model.train()
+        x = torch.randn(2, 3, 64, 96, requires_grad=True)
+    out = model(x)
+    assert out.is_meta and out.shape == (2, 7)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_pretrained_cfg_is_a_timm_style_dict() -> None:
     model = transnext.create_model("transnext_small.in1k_384")
     cfg = model.pretrained_cfg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,13 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     ):
         return torch.get_autocast_dtype(dev)
     return None
+
+
+def autocast_off(device_type: str):
+    """Context that disables autocast on ``device_type``; a no-op where the device has none (meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def is_tracing() -> bool:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common
-from ._common import autocast_dtype, inference_chunks, is_tracing
+from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing
 
 
 def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -52,7 +52,7 @@ class _ConvGLU(torch.autograd.Function):
     def forward(ctx, x, w1, b1, wd, bd, w2, b2, size):
         hid = w2.shape[1]
         low = autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             x, w1, b1, wd, bd, w2, b2 = _cast(low, x, w1, b1, wd, bd, w2, b2)
             gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
             value = F.linear(x, w1[hid:], None if b1 is None else b1[hid:])
@@ -74,7 +74,7 @@ class _ConvGLU(torch.autograd.Function):
         hid, C, c_out = w2.shape[1], x.shape[-1], w2.shape[0]
         needs = ctx.needs_input_grad
         need_gate = needs[0] or needs[1] or needs[2]
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             grad = grad.to(x.dtype)
             d_x = torch.empty_like(x) if needs[0] else None
             d_w1 = torch.zeros_like(w1) if needs[1] else None

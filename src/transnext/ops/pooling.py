@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import autocast_dtype, is_tracing
+from ._common import autocast_dtype, autocast_off, is_tracing
 
 
 def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -29,7 +29,7 @@ class _SrGeluPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, size, pool):
         low = autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if low is not None:
                 x, weight = x.to(low), weight.to(low)
                 bias = None if bias is None else bias.to(low)
@@ -45,7 +45,7 @@ class _SrGeluPool(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, bias = ctx.saved_tensors
         size = ctx.size
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             grad = grad.to(x.dtype)
             y = F.linear(x, w, bias)  # recomputed 1x1 conv
             g_map = _as_map(grad, ctx.pool)

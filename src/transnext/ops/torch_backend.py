@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import compute_dtype, is_tracing, normalize_backward, normalize_into
+from ._common import autocast_off, compute_dtype, is_tracing, normalize_backward, normalize_into
 
 
 def _offsets(window: int) -> list[tuple[int, int, int]]:
@@ -98,7 +98,7 @@ class _AggregatedAttention(torch.autograd.Function):
         H, W = size
         r, L, Np = window // 2, window * window, k_pool.shape[2]
         dt = compute_dtype(q)
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             q_hat = torch.empty((B, h, N, d), dtype=dt, device=q.device)
             q_norm = normalize_into(q, q_hat)
             k_pad = _padded(k, size, r, dt)
@@ -153,7 +153,7 @@ class _AggregatedAttention(torch.autograd.Function):
         r, L = window // 2, window * window
         dt = q_hat.dtype
         needs = ctx.needs_input_grad
-        with torch.autocast(q_hat.device.type, enabled=False):
+        with autocast_off(q_hat.device.type):
             g = grad_out.to(dt).contiguous()
             g5 = g.view(B, h, H, W, d)
             factor = mult.to(dt) * length_scale.to(dt)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, is_tracing
+from ._common import EPS, autocast_off, is_tracing
 
 __all__ = ["aggregated_attention", "is_available"]
 
@@ -442,7 +442,7 @@ class _TritonAggregatedAttention(torch.autograd.Function):
                 LOWP=cfg["LOWP"], LDT=cfg["LDT"],
             )
         qe_shape, mult_shape, lb_shape, lbias_shape = ctx.shapes
-        with torch.autocast(dev.type, enabled=False):
+        with autocast_off(dev.type):
             return _finish(ctx, q, qe, mult, lb, pool_bias, tokens, lbias, dq, dk, dv, dkp, dvp, d_w, d_z, dpb,
                            dqe_part, dmult_part, need_pb, acc_dt)
 
