@@ -242,3 +242,66 @@ def test_pretrained_cfg_is_a_timm_style_dict() -> None:
     assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bicubic"
     assert cfg["hf_hub_id"] == "DaiShiResearch/transnext-small-384-1k-ft-1k"
     assert model.weights.top1 == 86.0 and model.pretrain_size == (224, 224) and model.img_size == (384, 384)
+
+
+def _clear_bias_caches(model) -> None:
+    for m in model.modules():
+        if hasattr(m, "_bias_cache"):
+            m._bias_cache.clear()
+
+
+@pytest.mark.parametrize("pos_bias", ["extrapolate", "interpolate"])
+def test_blockwise_full_attention_bias_rows_equal_materialised(pos_bias, monkeypatch) -> None:
+    from transnext.models.position_bias import BlockwiseBias
+    from transnext.models.transnext import FullAttention
+
+    model = tiny_config(pos_bias=pos_bias)
+    attn = model.block4[0].attn
+    geom = model.stage_geometry(3, (7, 5))  # 35 queries, non-square
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        full = attn.position_bias(geom, torch.float64, cpu)
+        assert isinstance(full, torch.Tensor) and full.shape == (8, 35, 35)
+        monkeypatch.setattr(FullAttention, "MATERIALIZE_BIAS_BYTES", 0)
+        _clear_bias_caches(model)
+        lazy = attn.position_bias(geom, torch.float64, cpu)
+    assert isinstance(lazy, BlockwiseBias) and lazy.shape == full.shape
+    assert lazy.table.numel() < full.numel() // 2
+    torch.testing.assert_close(lazy.materialize(), full, rtol=1e-12, atol=1e-14)
+    for start, stop in [(0, 5), (3, 12), (10, 11), (33, 40), (5, 15)]:  # whole rows, partial rows, past the end
+        expected = full[:, start:stop]
+        torch.testing.assert_close(lazy.rows(start, stop), expected, rtol=1e-12, atol=1e-14)
+        buf = torch.full((8, 2, *expected.shape[1:]), float("nan"), dtype=torch.float64)
+        lazy.rows(start, stop, out=buf[:, 1])  # written in place, rows of a strided buffer
+        torch.testing.assert_close(buf[:, 1], expected, rtol=1e-12, atol=1e-14)
+        assert buf[:, 0].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("pos_bias", ["extrapolate", "interpolate"])
+def test_model_with_blockwise_bias_equals_materialised(backend, pos_bias, monkeypatch) -> None:
+    """Large grids keep only the small bias tables; outputs and gradients do not change."""
+    import transnext.ops.torch_backend as torch_backend
+    from transnext.models.transnext import FullAttention
+
+    model = tiny_config(pos_bias=pos_bias, attn_backend=backend)
+    x = seeded_randn((2, 3, 224, 160), 3)  # stage 4: 7 x 5 tokens
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _clear_bias_caches(model)
+        model.zero_grad()
+        with torch.no_grad():
+            out = model(x)
+        model.train()
+        (model(x) ** 2).sum().backward()
+        model.eval()
+        return out, model.block4[0].attn.cpb_fc1.weight.grad.clone(), model.block4[0].attn.temperature.grad.clone()
+
+    model.drop_path_rate = 0.0
+    expected = run()
+    monkeypatch.setattr(FullAttention, "MATERIALIZE_BIAS_BYTES", 0)
+    # Blocks of 12 query rows: two whole grid rows of 5 after rounding, then a partial last block.
+    monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 8 * 2 * 8 * 35 * 12)
+    got = run()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -204,6 +204,20 @@ def test_full_attention_in_query_blocks(monkeypatch) -> None:
         assert_close(a, b, f"grad of {name}")
 
 
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_full_attention_inference_path(block_rows, monkeypatch) -> None:
+    """Without autograd the torch backend fills the bias into its logits buffer and works in place."""
+    torch_backend = importlib.import_module("transnext.ops.torch_backend")
+    if block_rows:
+        monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 2 * 3 * 35 * 8 * block_rows)
+    t = fa_inputs(2, 3, 35, 8)
+    args = (t["q"], t["k"], t["v"], t["query_embedding"], t["temperature"], math.log(35), t["bias"])
+    with torch.no_grad():
+        ours = ops.full_attention(*args, 0.0, False, "torch")
+        ref = ops.full_attention(*args, 0.0, False, "reference")
+    assert_close(ours, ref, "output")
+
+
 def glu_inputs(B, size, C, hid, dtype=torch.float64):
     g = torch.Generator().manual_seed(3)
 

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from .geometry import StageGeometry, build_cpb_table
+from .position_bias import BlockwiseBias, gather_bias
 
 __all__ = ["TransNeXt", "AggregatedAttention", "FullAttention", "ConvGLU", "Block", "PatchEmbed"]
 
@@ -133,6 +134,8 @@ class _CosineAttentionBase(nn.Module):
 
     cpb_fc1: nn.Linear
     cpb_fc2: nn.Linear
+    # Bias-MLP inputs evaluated at once at inference: 32768 x 512 hidden floats = 64 MiB.
+    BIAS_MLP_ROWS = 32768
 
     def _init_shared(self, dim: int, num_heads: int) -> None:
         if dim % num_heads:
@@ -148,27 +151,44 @@ class _CosineAttentionBase(nn.Module):
     def _bias_params(self) -> tuple[Tensor, ...]:
         return (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
 
-    def _compute_position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _bias_table(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The bias MLP on every unique (dy, dx) pair: (h, Uy, Ux), with the per-axis pair indices."""
         coords, index_y, index_x = geom.cpb_inputs(dtype, device)
-        table = self.cpb_fc2(F.relu(self.cpb_fc1(coords)))  # (Uy*Ux, h)
+        rows = self.BIAS_MLP_ROWS
+        if coords.shape[0] <= rows or torch.is_grad_enabled() or _is_tracing():
+            table = self.cpb_fc2(F.relu(self.cpb_fc1(coords)))  # (Uy*Ux, h)
+        else:
+            # Large grids (linear mode at 2048 px: ~10^6 unique pairs) would hold a 512-wide hidden
+            # activation per pair at once: evaluate the MLP in row chunks instead (same values).
+            table = torch.cat([self.cpb_fc2(F.relu(self.cpb_fc1(c))) for c in coords.split(rows)])
         uy, ux = geom.cpb.y.values.numel(), geom.cpb.x.values.numel()
-        table = table.t().reshape(self.num_heads, uy, ux)
+        return table.t().reshape(self.num_heads, uy, ux), index_y, index_x
+
+    def _key_resized_bias(self, geom: StageGeometry, table: Tensor, index_y: Tensor, index_x: Tensor) -> Tensor:
+        """Interpolate mode, first half: trained-grid bias resized over the key axes, (h, Qh0*Qw0, Nk)."""
         (qh, kh), (qw, kw) = index_y.shape, index_x.shape
-        bias = table[:, index_y.reshape(-1)].reshape(self.num_heads, qh, kh, ux)
-        bias = bias[..., index_x.reshape(-1)].reshape(self.num_heads, qh, kh, qw, kw)
+        bias = gather_bias(table, index_y, index_x).reshape(self.num_heads, qh * qw, kh, kw)
+        bias = F.interpolate(bias, size=geom.key_size, mode="bilinear", align_corners=False)
+        return bias.reshape(self.num_heads, qh * qw, geom.num_keys)
+
+    def _compute_position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+        table, index_y, index_x = self._bias_table(geom, dtype, device)
         if not geom.interpolate:
-            return bias.permute(0, 1, 3, 2, 4).reshape(self.num_heads, qh * qw, kh * kw)
+            return gather_bias(table, index_y, index_x)
         # Trained-grid bias resized to the actual grid: key axes first, then query axes.
         H, W = geom.size
-        ph, pw = geom.key_size
-        bias = bias.permute(0, 1, 3, 2, 4).reshape(self.num_heads, qh * qw, kh, kw)
-        bias = F.interpolate(bias, size=(ph, pw), mode="bilinear", align_corners=False)
-        bias = bias.reshape(self.num_heads, qh, qw, ph * pw).permute(0, 3, 1, 2)
+        qh, qw = index_y.shape[0], index_x.shape[0]
+        bias = self._key_resized_bias(geom, table, index_y, index_x)
+        bias = bias.reshape(self.num_heads, qh, qw, geom.num_keys).permute(0, 3, 1, 2)
         bias = F.interpolate(bias, size=(H, W), mode="bilinear", align_corners=False)
-        return bias.reshape(self.num_heads, ph * pw, H * W).transpose(1, 2)
+        return bias.reshape(self.num_heads, geom.num_keys, H * W).transpose(1, 2)
 
-    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(h, N, Nk) bias; cached per size while the MLP cannot change (no grad, same weights)."""
+    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor | BlockwiseBias:
+        """(h, N, Nk) bias; cached per size while the MLP cannot change (no grad, same weights).
+
+        Full attention on large grids returns a :class:`BlockwiseBias` instead (same values,
+        produced per block of queries by the attention op).
+        """
         params = self._bias_params()
         if _is_tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._compute_position_bias(geom, dtype, device)
@@ -281,6 +301,10 @@ class AggregatedAttention(_CosineAttentionBase):
 class FullAttention(_CosineAttentionBase):
     """Multi-head cosine attention over all tokens (stages with sr_ratio 1)."""
 
+    # Largest position bias kept as one (h, N, N) tensor; 64 MiB is N = 836 tokens at 24 heads
+    # (transnext_tiny's last stage at about 900 px).
+    MATERIALIZE_BIAS_BYTES = 64 << 20
+
     def __init__(
         self,
         dim: int,
@@ -299,6 +323,19 @@ class FullAttention(_CosineAttentionBase):
         self.proj_drop = nn.Dropout(proj_drop)
         self.cpb_fc1 = nn.Linear(2, 512, bias=True)
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
+
+    def _compute_position_bias(
+        self, geom: StageGeometry, dtype: torch.dtype, device: torch.device
+    ) -> Tensor | BlockwiseBias:
+        # h * N^2 values: past MATERIALIZE_BIAS_BYTES keep only the small tables (memory linear in pixels).
+        nbytes = self.num_heads * geom.num_tokens**2 * torch.empty((), dtype=dtype).element_size()
+        if nbytes <= self.MATERIALIZE_BIAS_BYTES or _is_tracing():
+            return super()._compute_position_bias(geom, dtype, device)
+        table, index_y, index_x = self._bias_table(geom, dtype, device)
+        if not geom.interpolate:
+            return BlockwiseBias(geom.size, table, index_y, index_x)
+        bias = self._key_resized_bias(geom, table, index_y, index_x)
+        return BlockwiseBias(geom.size, bias.reshape(self.num_heads, index_y.shape[0], index_x.shape[0], -1))
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
         B, N, C = x.shape

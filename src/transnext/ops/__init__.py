@@ -154,7 +154,7 @@ def full_attention(
     query_embedding: Tensor,
     temperature: Tensor,
     length_scale: float | Tensor,
-    bias: Tensor,
+    bias,
     attn_drop: float = 0.0,
     training: bool = False,
     backend: str | None = None,
@@ -163,11 +163,15 @@ def full_attention(
 
     ``softmax(((q_hat + query_embedding) * softplus(temperature) * length_scale) @ k_hat^T + bias) @ v``
     with L2-normalised ``q_hat``, ``k_hat`` and no 1/sqrt(d). ``q``, ``k``, ``v``: (B, h, N, d);
-    ``bias``: (h, N, N). Returns (B, h, N, d).
+    ``bias``: (h, N, N), or a :class:`~transnext.models.position_bias.BlockwiseBias` for large
+    grids (the ``torch`` backend takes it a block of queries at a time; the others materialise
+    it). Returns (B, h, N, d).
     """
     impl = _impl(backend, q.device.type)
     if not hasattr(impl, "full_attention"):
         impl = _load("torch")
+    if not isinstance(bias, Tensor) and impl is not _load("torch"):
+        bias = bias.materialize()
     return impl.full_attention(q, k, v, query_embedding, temperature, length_scale, bias, attn_drop, training)
 
 
