@@ -498,6 +498,9 @@ def plot(results: list[dict], path: str) -> bool:
         axes[0].bar(xs, ips, width, label=be)
         axes[1].bar(xs, mem, width, label=be)
     labels = [f"{v.replace('transnext_', '')}\n{s}px B{b}\n{m}" for v, s, b, m in configs]
+    rates = [r["images_per_s"] for r in ok if r.get("images_per_s")]
+    if rates and max(rates) > 20 * min(rates):  # sizes far apart: a log scale keeps every bar readable
+        axes[0].set_yscale("log")
     for ax, title in ((axes[0], "images / s (higher is better)"), (axes[1], "peak memory above model, MB")):
         ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(configs))], labels, fontsize=7)
         ax.set_title(title)
