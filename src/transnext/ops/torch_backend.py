@@ -336,7 +336,8 @@ def full_attention(
         return F.scaled_dot_product_attention(q_scaled, k_hat, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=p, scale=1.0)
     bias_grad = bias.table.requires_grad if lazy else bias.requires_grad
     needs_grad = torch.is_grad_enabled() and (q_scaled.requires_grad or k_hat.requires_grad or v.requires_grad or bias_grad)
-    if not needs_grad and autocast_dtype(q_scaled) is None:
+    # CPU only: on CUDA, SDPA's fused kernels never materialise the logits and are faster.
+    if not needs_grad and q_scaled.device.type == "cpu" and autocast_dtype(q_scaled) is None:
         return _full_attention_inference(q_scaled, k_hat, v, bias, rows, p)
     if rows >= N:
         bias = bias if not lazy else bias.materialize()
