@@ -171,16 +171,22 @@ def fa_inputs(B, h, N, d, seed=0):
                 temperature=rnd(h, 1, 1, scale=0.3) + 1.5, bias=rnd(h, N, N, scale=0.5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_full_attention_matches_reference(dtype) -> None:
-    t = {k: v.to(dtype) for k, v in fa_inputs(2, 3, 35, 8).items()}
-    g = torch.randn(2, 3, 35, 8, dtype=dtype)
+def full_attention_by_backend(t: dict, g: torch.Tensor) -> dict:
+    """{backend: (output, gradients of every input in t's order)} for reference and torch."""
     res = {}
     for backend in ("reference", "torch"):
         leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
         out = ops.full_attention(leaves["q"], leaves["k"], leaves["v"], leaves["query_embedding"], leaves["temperature"],
-                                 math.log(35), leaves["bias"], 0.0, False, backend)
+                                 math.log(t["q"].shape[2]), leaves["bias"], 0.0, False, backend)
         res[backend] = (out, torch.autograd.grad(out, list(leaves.values()), g))
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_attention_matches_reference(dtype) -> None:
+    t = {k: v.to(dtype) for k, v in fa_inputs(2, 3, 35, 8).items()}
+    g = torch.randn(2, 3, 35, 8, dtype=dtype)
+    res = full_attention_by_backend(t, g)
     tol = TOL if dtype == torch.float64 else 2e-5
     assert_close(res["torch"][0], res["reference"][0], "output", tol)
     for name, a, b in zip(t, res["torch"][1], res["reference"][1]):
@@ -193,12 +199,7 @@ def test_full_attention_in_query_blocks(monkeypatch) -> None:
     monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 2 * 3 * 35 * 8 * 4)  # 4 rows per block
     t = fa_inputs(2, 3, 35, 8)
     g = torch.randn(2, 3, 35, 8, dtype=torch.float64)
-    res = {}
-    for backend in ("reference", "torch"):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
-        out = ops.full_attention(leaves["q"], leaves["k"], leaves["v"], leaves["query_embedding"], leaves["temperature"],
-                                 math.log(35), leaves["bias"], 0.0, False, backend)
-        res[backend] = (out, torch.autograd.grad(out, list(leaves.values()), g))
+    res = full_attention_by_backend(t, g)
     assert_close(res["torch"][0], res["reference"][0], "output")
     for name, a, b in zip(t, res["torch"][1], res["reference"][1]):
         assert_close(a, b, f"grad of {name}")

@@ -127,12 +127,13 @@ class BlockwiseBias:
         W = self.size[1]
         stop = min(stop, self.num_tokens)
         y0, y1 = start // W, -(-stop // W)
-        if torch.is_grad_enabled() and self.table.requires_grad:
-            block = self._grid_rows_differentiable(y0, y1)[:, start - y0 * W : stop - y0 * W]
-            return block if out is None else out.copy_(block)
-        if out is not None and start == y0 * W and stop == y1 * W:
+        differentiable = torch.is_grad_enabled() and self.table.requires_grad
+        if differentiable:
+            block = self._grid_rows_differentiable(y0, y1)
+        elif out is not None and start == y0 * W and stop == y1 * W:
             return self._fill_grid_rows(y0, y1, out)
-        block = self._fill_grid_rows(y0, y1, self.table.new_empty((self.num_heads, (y1 - y0) * W, self.num_tokens)))
+        else:
+            block = self._fill_grid_rows(y0, y1, self.table.new_empty((self.num_heads, (y1 - y0) * W, self.num_tokens)))
         block = block[:, start - y0 * W : stop - y0 * W]
         return block if out is None else out.copy_(block)
 

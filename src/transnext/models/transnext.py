@@ -328,7 +328,7 @@ class FullAttention(_CosineAttentionBase):
         self, geom: StageGeometry, dtype: torch.dtype, device: torch.device
     ) -> Tensor | BlockwiseBias:
         # h * N^2 values: past MATERIALIZE_BIAS_BYTES keep only the small tables (memory linear in pixels).
-        nbytes = self.num_heads * geom.num_tokens**2 * torch.empty((), dtype=dtype).element_size()
+        nbytes = self.num_heads * geom.num_tokens**2 * dtype.itemsize
         if nbytes <= self.MATERIALIZE_BIAS_BYTES or _is_tracing():
             return super()._compute_position_bias(geom, dtype, device)
         table, index_y, index_x = self._bias_table(geom, dtype, device)

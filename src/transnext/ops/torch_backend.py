@@ -331,16 +331,15 @@ def full_attention(
     rows = max(1, FULL_ATTENTION_BLOCK_BYTES // (q_scaled.element_size() * B * h * k_hat.shape[-2]))
     if lazy and rows > bias.size[1]:
         rows -= rows % bias.size[1]  # whole grid rows: the bias of a block is one row selection
-    if is_tracing():
-        bias = bias if not lazy else bias.materialize()
-        return F.scaled_dot_product_attention(q_scaled, k_hat, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=p, scale=1.0)
-    bias_grad = bias.table.requires_grad if lazy else bias.requires_grad
-    needs_grad = torch.is_grad_enabled() and (q_scaled.requires_grad or k_hat.requires_grad or v.requires_grad or bias_grad)
-    # CPU only: on CUDA, SDPA's fused kernels never materialise the logits and are faster.
-    if not needs_grad and q_scaled.device.type == "cpu" and autocast_dtype(q_scaled) is None:
-        return _full_attention_inference(q_scaled, k_hat, v, bias, rows, p)
-    if rows >= N:
-        bias = bias if not lazy else bias.materialize()
+    tracing = is_tracing()
+    if not tracing:
+        bias_grad = bias.table.requires_grad if lazy else bias.requires_grad
+        needs_grad = torch.is_grad_enabled() and (q_scaled.requires_grad or k_hat.requires_grad or v.requires_grad or bias_grad)
+        # CPU only: on CUDA, SDPA's fused kernels never materialise the logits and are faster.
+        if not needs_grad and q_scaled.device.type == "cpu" and autocast_dtype(q_scaled) is None:
+            return _full_attention_inference(q_scaled, k_hat, v, bias, rows, p)
+    if tracing or rows >= N:
+        bias = bias.materialize() if lazy else bias
         return F.scaled_dot_product_attention(q_scaled, k_hat, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=p, scale=1.0)
     out = q_scaled.new_empty((B, h, N, v.shape[-1]))
     for i in range(0, N, rows):
