@@ -144,6 +144,23 @@ class StageGeometry:
             self._cache[key] = torch.log(count).unsqueeze(-1).to(device=device, dtype=dtype)
         return self._cache[key]
 
+    def bias_taps(self, dtype: torch.dtype, device: torch.device) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Per-axis taps ((index, weight) for y, then x) from the bias-MLP table to the actual grids.
+
+        Extrapolation: one tap per (query, key) pair; interpolation: the bilinear resizing of
+        the trained-grid bias to (size, key_size), up to four taps per axis (see
+        :func:`transnext.models.position_bias.axis_taps`).
+        """
+        from .position_bias import axis_taps
+
+        key = ("taps", dtype, device)
+        if key not in self._cache:
+            (H, W), (kh, kw) = self.size, self.key_size
+            y = axis_taps(self.cpb.y.index, H, kh, self.interpolate, dtype)
+            x = axis_taps(self.cpb.x.index, W, kw, self.interpolate, dtype)
+            self._cache[key] = tuple((i.to(device), w.to(device)) for i, w in (y, x))
+        return self._cache[key]
+
     def cpb_inputs(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(coords (U, 2), index_y (Qh, Kh), index_x (Qw, Kw)) on ``device``."""
         key = ("cpb", dtype, device)

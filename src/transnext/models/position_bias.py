@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BlockwiseBias", "gather_bias", "resize_indices"]
+from ..ops.bias import SeparableBias
+
+__all__ = ["BlockwiseBias", "SeparableBias", "axis_taps", "gather_bias", "resize_indices"]
 
 Size = tuple[int, int]
 
@@ -143,3 +145,37 @@ class BlockwiseBias:
     def __repr__(self) -> str:
         kind = "interpolate" if self.interpolate else "extrapolate"
         return f"BlockwiseBias(size={self.size}, heads={self.num_heads}, {kind})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregated attention: the (h, N, Np) pooled-key bias as a separable tap table.
+
+
+def axis_taps(
+    index: Tensor, out_query: int, out_key: int, interpolate: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Per-axis taps of the position bias: (out_query, out_key, T) unique-pair indices and weights.
+
+    ``index`` (Q0, K0) holds the unique-coordinate index of every (query, key) pair along one axis
+    of the grid the bias MLP is evaluated on. Without interpolation that is the actual grid: one
+    tap of weight 1. With interpolation the bias is resized bilinearly from (Q0, K0) to
+    (out_query, out_key): up to four taps, merged where they hit the same unique pair and with
+    zero weights dropped (an axis whose size does not change keeps a single tap).
+    """
+    if not interpolate:
+        return index.unsqueeze(-1), torch.ones(index.shape + (1,), dtype=dtype)
+    q0, k0 = index.shape
+    j0, j1, v0, v1 = resize_indices(q0, out_query, 0, out_query, dtype, torch.device("cpu"))
+    i0, i1, w0, w1 = resize_indices(k0, out_key, 0, out_key, dtype, torch.device("cpu"))
+    idx = torch.stack([index[j][:, i] for j in (j0, j1) for i in (i0, i1)], dim=-1)
+    w = torch.stack([a[:, None] * b[None, :] for a in (v0, v1) for b in (w0, w1)], dim=-1)
+    # Merge taps that read the same unique pair, then move zero weights last and drop them.
+    for t in range(1, idx.shape[-1]):
+        for s in range(t):
+            same = (idx[..., t] == idx[..., s]) & (w[..., s] != 0)
+            w[..., s] += torch.where(same, w[..., t], torch.zeros_like(w[..., t]))
+            w[..., t] = torch.where(same, torch.zeros_like(w[..., t]), w[..., t])
+    order = torch.argsort((w == 0).to(torch.int8), dim=-1, stable=True)
+    idx, w = idx.gather(-1, order), w.gather(-1, order)
+    taps = max(1, int((w != 0).sum(-1).max()))
+    return idx[..., :taps].contiguous(), w[..., :taps].contiguous()

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from .geometry import StageGeometry, build_cpb_table
-from .position_bias import BlockwiseBias, gather_bias
+from .position_bias import BlockwiseBias, SeparableBias, gather_bias
 
 __all__ = ["TransNeXt", "AggregatedAttention", "FullAttention", "ConvGLU", "Block", "PatchEmbed"]
 
@@ -189,17 +189,21 @@ class _CosineAttentionBase(nn.Module):
         Full attention on large grids returns a :class:`BlockwiseBias` instead (same values,
         produced per block of queries by the attention op).
         """
+        return self._cached(geom, dtype, device, "bias", self._compute_position_bias)
+
+    def _cached(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device, kind: str, compute):
+        """``compute(geom, dtype, device)``, cached per size while the bias MLP cannot change."""
         params = self._bias_params()
         if _is_tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return self._compute_position_bias(geom, dtype, device)
+            return compute(geom, dtype, device)
         # The version counters change on every in-place update (optimizer step, load_state_dict).
-        key = (geom.size, geom.key_size, geom.interpolate, geom.cpb.query, geom.cpb.key, dtype, device,
+        key = (kind, geom.size, geom.key_size, geom.interpolate, geom.cpb.query, geom.cpb.key, dtype, device,
                tuple((p.data_ptr(), p._version) for p in params))
-        bias = self._bias_cache.get(key)
-        if bias is None:
+        value = self._bias_cache.get(key)
+        if value is None:
             self._bias_cache.clear()  # one size at a time: keeps memory bounded
-            bias = self._bias_cache[key] = self._compute_position_bias(geom, dtype, device)
-        return bias
+            value = self._bias_cache[key] = compute(geom, dtype, device)
+        return value
 
     def _scale_query(self, q: Tensor, geom: StageGeometry) -> Tensor:
         scale = geom.length_scale(q.dtype, q.device)
@@ -245,6 +249,19 @@ class AggregatedAttention(_CosineAttentionBase):
         self.act = nn.GELU()
         self.cpb_fc1 = nn.Linear(2, 512, bias=True)
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
+
+    # Largest pooled-key bias kept as one (h, N, Np) tensor. Past it (stage 1 of transnext_tiny
+    # from about 300 px) the layer keeps only the bias MLP on unique pairs (cached, small) and
+    # the attention op produces the bias a block of query rows at a time (SeparableBias).
+    MATERIALIZE_BIAS_BYTES = 16 << 20
+
+    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor | SeparableBias:
+        nbytes = self.num_heads * geom.num_tokens * geom.num_keys * dtype.itemsize
+        if nbytes <= self.MATERIALIZE_BIAS_BYTES or _is_tracing():
+            return super().position_bias(geom, dtype, device)
+        table = self._cached(geom, dtype, device, "mlp", lambda g, dt, dev: self._bias_table(g, dt, dev)[0])
+        y_taps, x_taps = geom.bias_taps(dtype, device)
+        return SeparableBias.from_mlp_table(table, y_taps, x_taps, geom.key_size)
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
         # The reference formulation runs the whole batch at once, as the original does.

@@ -141,6 +141,8 @@ def aggregated_attention(
     Returns (B, h, N, d).
     """
     impl = _impl(backend, q.device.type)
+    if not isinstance(pool_bias, Tensor) and impl is not _load("torch"):
+        pool_bias = pool_bias.materialize()
     return impl.aggregated_attention(
         q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
         learnable_tokens, learnable_bias, padding_mask, size, window, attn_drop, training,

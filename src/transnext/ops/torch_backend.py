@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import autocast_dtype, autocast_off, compute_dtype, is_tracing, normalize_backward, normalize_into
+from .blocked import blocked_aggregated_attention
 
 
 def _offsets(window: int) -> list[tuple[int, int, int]]:
@@ -272,6 +273,11 @@ def _functional(
     return out.reshape(B, h, N, d)
 
 
+# Whole (B, h, Np + w*w, N) logits are kept up to this size (small grids and batches: one pass
+# over everything); past it, or when the bias comes as factors, queries go in blocks of rows.
+WHOLE_LOGITS_BYTES = 32 << 20
+
+
 def aggregated_attention(
     q: Tensor,
     k: Tensor,
@@ -291,10 +297,20 @@ def aggregated_attention(
     attn_drop: float = 0.0,
     training: bool = False,
 ) -> Tensor:
+    p_drop = attn_drop if training else 0.0
+    if not isinstance(pool_bias, Tensor) and (p_drop > 0.0 or is_tracing()):
+        pool_bias = pool_bias.materialize()
     if is_tracing():
         return _functional(
             q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
             learnable_tokens, learnable_bias, padding_mask, size, window, attn_drop, training,
+        )
+    B, h, N, _ = q.shape
+    logits_bytes = B * h * N * (k_pool.shape[2] + window * window) * compute_dtype(q).itemsize
+    if p_drop == 0.0 and (not isinstance(pool_bias, Tensor) or logits_bytes > WHOLE_LOGITS_BYTES):
+        return blocked_aggregated_attention(
+            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
+            learnable_tokens, learnable_bias, padding_mask, size, window,
         )
     return _AggregatedAttention.apply(
         q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias, pool_bias,

@@ -1,0 +1,283 @@
+"""Aggregated Attention in blocks of query rows: memory linear in pixels at any resolution.
+
+At dense resolutions the pooled key grid grows with the image (about 1,000 pooled keys per query
+at 800 x 1344), so whole (B, h, N, Np) logits, probabilities and position bias are gigabytes per
+layer. Here the queries are processed a block of grid rows at a time, sized so the block's
+logits stay cache-resident (``BLOCK_ELEMENTS``):
+
+1. the block's pooled-key bias is produced from the layer's :class:`SeparableBias` factors,
+2. pooled logits are added by one batched matmul, local-window logits beside them,
+3. one softmax over [pooled | local] with the reduction over the innermost axis,
+4. aggregation of pooled values (one matmul) and of the window values (w*w shifted views).
+
+Training saves only the normalised inputs (O(N * d)); backward recomputes each block's logits and
+softmax with the same ops (so the probabilities are bitwise those of the forward) and
+accumulates every gradient, including the bias factors' (the bias MLP learns exactly as before).
+Dropout on the attention probabilities is not supported here (the dispatcher routes it to the
+whole-tensor path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import autocast_off, compute_dtype, normalize_backward, normalize_into
+from .bias import SeparableBias, rows_from_table, table_grad_from_rows
+
+__all__ = ["BLOCK_ELEMENTS", "blocked_aggregated_attention", "block_rows"]
+
+# Logits of one block: B * h * rows * W * (Np + w*w) floats. 2^20 floats (4 MiB in float32) keeps
+# the logits, their softmax and the matmuls that read them in the L2/L3 caches of a CPU core
+# pair while each matmul still has hundreds of rows; measured on a 2-core Zen 3: the pooled-key
+# matmul runs at ~80 GFLOP/s below this size and ~30 GFLOP/s at 4x it.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def block_rows(B: int, h: int, W: int, keys: int, H: int) -> int:
+    """Grid rows per block so that one block's logits hold about ``BLOCK_ELEMENTS`` values."""
+    return max(1, min(H, BLOCK_ELEMENTS // max(1, B * h * W * keys)))
+
+
+def _offsets(window: int) -> list[tuple[int, int, int]]:
+    return [(o, o // window, o % window) for o in range(window * window)]
+
+
+class _Prepared:
+    """Normalised, padded inputs shared by forward and backward."""
+
+    def __init__(self, q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp) -> None:
+        self.q_hat, self.q_norm, self.k_pad, self.k_norm = q_hat, q_norm, k_pad, k_norm
+        self.v_pad, self.kp_hat, self.kp_norm, self.vp = v_pad, kp_hat, kp_norm, vp
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, size, r: int, dt) -> _Prepared:
+    B, h, N, d = q.shape
+    H, W = size
+    q_hat = torch.empty((B, h, N, d), dtype=dt, device=q.device)
+    q_norm = normalize_into(q, q_hat)
+    k_pad = torch.zeros((B, h, H + 2 * r, W + 2 * r, d), dtype=dt, device=q.device)
+    k_norm = normalize_into(k.unflatten(2, (H, W)), k_pad[:, :, r : r + H, r : r + W])
+    v_pad = F.pad(v.unflatten(2, (H, W)).to(dt), (0, 0, r, r, r, r)).contiguous()
+    kp_hat = torch.empty(k_pool.shape, dtype=dt, device=q.device)
+    kp_norm = normalize_into(k_pool, kp_hat)
+    return _Prepared(q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, v_pool.to(dt).contiguous())
+
+
+class _Block:
+    """Logits and softmax of the queries in grid rows [y0, y1), in a reusable buffer."""
+
+    def __init__(self, B: int, h: int, W: int, Np: int, L: int, rows: int, dt, device) -> None:
+        self.buf = torch.empty((B * h, rows * W, Np + L), dtype=dt, device=device)
+        self.shape = (B, h, W, Np, L)
+
+    def probs(self, p: _Prepared, qs: Tensor, bias, local_table: Tensor, y0: int, y1: int, window: int) -> Tensor:
+        """(B*h, rows*W, Np + L) softmax over [pooled | local] keys of the block's queries."""
+        B, h, W, Np, L = self.shape
+        table, y_index, y_weight = bias
+        rows, nb = y1 - y0, (y1 - y0) * W
+        d = qs.shape[-1]
+        buf = self.buf[:, :nb]
+        pooled = buf[:, :, :Np]
+        kh, kw = y_index.shape[1], table.shape[3]
+        # Bias rows (the same for every image), then q.k of the pooled keys added in place.
+        first = pooled.view(B, h, rows, W, kh, kw)[0]
+        rows_from_table(table, y_index, y_weight, y0, y1, out=first)
+        if B > 1:
+            pooled.view(B, h, nb, Np)[1:].copy_(pooled.view(B, h, nb, Np)[:1])
+        qs_blk = qs[:, :, y0 * W : y1 * W]
+        pooled.baddbmm_(qs_blk.reshape(B * h, nb, d), p.kp_hat.view(B * h, Np, d).transpose(1, 2))
+        # Local window logits: one multiply-reduce per window slot over shifted key views.
+        local = torch.empty((B, h, rows, W, L), dtype=buf.dtype, device=buf.device)
+        qs5 = qs_blk.view(B, h, rows, W, d)
+        tmp = torch.empty_like(qs5)
+        for o, i, j in _offsets(window):
+            torch.mul(qs5, p.k_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
+            torch.sum(tmp, dim=-1, out=local[..., o])
+        torch.add(local.view(B, h, nb, L), local_table[:, y0 * W : y1 * W], out=buf.view(B, h, nb, Np + L)[..., Np:])
+        torch.softmax(buf, dim=-1, out=buf)
+        return buf
+
+
+def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype) -> Tensor:
+    """(h, N, L): local position bias, -inf on window slots outside the image."""
+    neg = torch.zeros(padding_mask.shape, dtype=dtype, device=local_bias.device)
+    neg.masked_fill_(padding_mask.to(local_bias.device), float("-inf"))
+    return local_bias.to(dtype).unsqueeze(1) + neg
+
+
+class _BlockedAggregatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+                bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window):
+        B, h, N, d = q.shape
+        H, W = size
+        r, L, Np = window // 2, window * window, k_pool.shape[2]
+        dt = compute_dtype(q)
+        with autocast_off(q.device.type):
+            p = _prepare(q, k, v, k_pool, v_pool, size, r, dt)
+            factor = mult.to(dt) * length_scale.to(dt)  # (h, N, 1)
+            qs = torch.add(p.q_hat, query_embedding.to(dt)).mul_(factor)
+            bias = (bias_table.to(dt), bias_y_index, bias_y_weight.to(dt))
+            local_table = _local_table(local_bias, padding_mask, dt)
+            tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
+            rows = block_rows(B, h, W, Np + L, H)
+            block = _Block(B, h, W, Np, L, rows, dt, q.device)
+            out = torch.empty((B, h, N, d), dtype=dt, device=q.device)
+            for y0 in range(0, H, rows):
+                y1 = min(H, y0 + rows)
+                n0, n1 = y0 * W, y1 * W
+                probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+                out_blk = out[:, :, n0:n1]
+                torch.matmul(probs[:, :, :Np].view(B, h, n1 - n0, Np), p.vp, out=out_blk)
+                weights = torch.matmul(p.q_hat[:, :, n0:n1], tokens)  # (B, h, nb, L)
+                weights += probs[:, :, Np:].view(B, h, n1 - n0, L)
+                weights += lbias
+                out5 = out_blk.view(B, h, y1 - y0, W, d)
+                w5 = weights.view(B, h, y1 - y0, W, L)
+                for o, i, j in _offsets(window):
+                    out5.addcmul_(w5[..., o : o + 1], p.v_pad[:, :, y0 + i : y1 + i, j : j + W])
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(
+                p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad, p.kp_hat, p.kp_norm, p.vp, query_embedding, mult,
+                length_scale, local_bias, bias_table, bias_y_index, bias_y_weight, learnable_tokens, learnable_bias,
+                padding_mask,
+            )
+        ctx.geometry = (tuple(size), window)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, k_pool.dtype, v_pool.dtype)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, query_embedding, mult, length_scale, local_bias,
+         bias_table, bias_y_index, bias_y_weight, learnable_tokens, learnable_bias, padding_mask) = ctx.saved_tensors
+        (H, W), window = ctx.geometry
+        B, h, N, d = q_hat.shape
+        r, L, Np = window // 2, window * window, kp_hat.shape[2]
+        dt = q_hat.dtype
+        needs = ctx.needs_input_grad
+        p = _Prepared(q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp)
+        with autocast_off(q_hat.device.type):
+            g = grad_out.to(dt).contiguous()
+            factor = mult.to(dt) * length_scale.to(dt)
+            qe = query_embedding.to(dt)
+            qs = torch.add(q_hat, qe).mul_(factor)
+            bias = (bias_table.to(dt), bias_y_index, bias_y_weight.to(dt))
+            local_table = _local_table(local_bias, padding_mask, dt)
+            tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
+            rows = block_rows(B, h, W, Np + L, H)
+            block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
+            d_buf = torch.empty_like(block.buf)
+
+            dqs = torch.empty_like(qs)
+            dq_hat = torch.empty_like(q_hat)
+            dkp_hat = torch.zeros_like(kp_hat)
+            dvp = torch.zeros_like(vp)
+            dk_pad = torch.zeros_like(k_pad) if needs[1] else None
+            dv_pad = torch.zeros_like(v_pad) if needs[2] else None
+            d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs[9] else None
+            d_local_bias = torch.zeros((h, L), dtype=dt, device=q_hat.device)
+            d_tokens = torch.zeros((h, d, L), dtype=dt, device=q_hat.device)
+            d_lbias = torch.zeros((h, 1, L), dtype=dt, device=q_hat.device)
+            vp2 = vp.view(B * h, Np, d)
+            for y0 in range(0, H, rows):
+                y1 = min(H, y0 + rows)
+                n0, n1, nr = y0 * W, y1 * W, y1 - y0
+                nb = n1 - n0
+                probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+                g_blk = g[:, :, n0:n1]
+                g5 = g_blk.view(B, h, nr, W, d)
+                # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
+                dp = d_buf[:, :nb]
+                dp[:, :, :Np].copy_(torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2)))
+                d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
+                tmp = torch.empty_like(g5)
+                for o, i, j in _offsets(window):
+                    torch.mul(g5, v_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
+                    torch.sum(tmp, dim=-1, out=d_w[..., o])
+                d_w = d_w.view(B, h, nb, L)
+                dp.view(B, h, nb, Np + L)[..., Np:].copy_(d_w)
+                q_blk = q_hat[:, :, n0:n1]
+                d_tokens += torch.matmul(q_blk.transpose(-1, -2), d_w).sum(0)
+                d_lbias += d_w.sum((0, 2)).unsqueeze(1)
+                torch.matmul(d_w, tokens.transpose(-1, -2), out=dq_hat[:, :, n0:n1])
+                # Local aggregation weights (for the value gradient) before the softmax backward reuses memory.
+                if dv_pad is not None:
+                    weights = torch.matmul(q_blk, tokens)
+                    weights += probs[:, :, Np:].view(B, h, nb, L)
+                    weights += lbias
+                    w5 = weights.view(B, h, nr, W, L)
+                    for o, i, j in _offsets(window):
+                        dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
+                dvp.view(B * h, Np, d).baddbmm_(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d))
+                d_logits = torch._softmax_backward_data(dp, probs, -1, dt)
+                d_pool = d_logits[:, :, :Np]
+                d_loc = d_logits[:, :, Np:].reshape(B, h, nr, W, L)
+                d_local_bias += d_loc.sum((0, 2, 3))
+                if d_table is not None:
+                    kh, kw = bias_y_index.shape[1], bias_table.shape[3]
+                    grad_rows = d_pool.reshape(B, h, nr, W, kh, kw).sum(0)
+                    table_grad_from_rows(grad_rows, bias_y_index, bias[2], y0, y1, d_table)
+                qs_blk = qs[:, :, n0:n1]
+                dqs_blk = dqs[:, :, n0:n1]
+                torch.matmul(d_pool.view(B, h, nb, Np), kp_hat, out=dqs_blk)
+                dkp_hat.view(B * h, Np, d).baddbmm_(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d))
+                dqs5 = dqs_blk.view(B, h, nr, W, d)
+                qs5 = qs_blk.view(B, h, nr, W, d)
+                for o, i, j in _offsets(window):
+                    dz = d_loc[..., o : o + 1]
+                    dqs5.addcmul_(dz, k_pad[:, :, y0 + i : y1 + i, j : j + W])
+                    if dk_pad is not None:
+                        dk_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(dz, qs5)
+                del probs, d_logits
+
+            # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
+            d_mult = None
+            if needs[6]:
+                per_query = (dqs * torch.add(q_hat, qe)).sum(-1)  # (B, h, N)
+                d_mult = (per_query * length_scale.to(dt).view(1, 1, N)).sum((0, 2)).view(h, 1, 1)
+                del per_query
+            dqs.mul_(factor)
+            d_qe = dqs.sum((0, 2)).unsqueeze(1) if needs[5] else None
+            dq_hat.add_(dqs)
+            del dqs, qs
+
+            dq = dk = dv = dkp = None
+            if needs[0]:
+                dq = normalize_backward(dq_hat, q_hat, q_norm)
+            if dk_pad is not None:
+                k_int = k_pad[:, :, r : r + H, r : r + W]
+                dk = normalize_backward(dk_pad[:, :, r : r + H, r : r + W], k_int, k_norm).reshape(B, h, N, d)
+            if dv_pad is not None:
+                dv = dv_pad[:, :, r : r + H, r : r + W].reshape(B, h, N, d)
+            if needs[3]:
+                dkp = normalize_backward(dkp_hat, kp_hat, kp_norm)
+        q_dt, k_dt, v_dt, kp_dt, vp_dt = ctx.dtypes
+        return (
+            _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp if needs[4] else None, vp_dt),
+            _cast(d_qe, query_embedding.dtype), _cast(d_mult, mult.dtype), None,
+            _cast(d_local_bias if needs[8] else None, local_bias.dtype), _cast(d_table, bias_table.dtype), None, None,
+            _cast(d_tokens if needs[12] else None, learnable_tokens.dtype),
+            _cast(d_lbias if needs[13] else None, learnable_bias.dtype), None, None, None,
+        )
+
+
+def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def blocked_aggregated_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
+    length_scale: Tensor, local_bias: Tensor, pool_bias, learnable_tokens: Tensor, learnable_bias: Tensor,
+    padding_mask: Tensor, size: tuple[int, int], window: int,
+) -> Tensor:
+    """Aggregated Attention a block of query rows at a time (no dropout); ``pool_bias`` is a
+    :class:`~transnext.models.position_bias.SeparableBias` or a whole (h, N, Np) tensor."""
+    if isinstance(pool_bias, Tensor):
+        pool_bias = SeparableBias.from_dense(pool_bias, size)
+    return _BlockedAggregatedAttention.apply(
+        q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias,
+        pool_bias.table, pool_bias.y_index, pool_bias.y_weight, learnable_tokens, learnable_bias, padding_mask,
+        tuple(size), window,
+    )
