@@ -261,7 +261,7 @@ class AggregatedAttention(_CosineAttentionBase):
             return super().position_bias(geom, dtype, device)
         table = self._cached(geom, dtype, device, "mlp", lambda g, dt, dev: self._bias_table(g, dt, dev)[0])
         y_taps, x_taps = geom.bias_taps(dtype, device)
-        return SeparableBias.from_mlp_table(table, y_taps, x_taps, geom.key_size)
+        return SeparableBias.from_mlp_table(table, y_taps, x_taps)
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
         # The reference formulation runs the whole batch at once, as the original does.

@@ -20,56 +20,55 @@ Size = tuple[int, int]
 class SeparableBias:
     """The pooled-key position bias (h, H*W, Kh*Kw) of one layer, stored as small factors.
 
-    ``table`` (h, Uy, W, Kw) is the bias with the x axis resolved: for every unique y-coordinate
-    pair ``uy``, query column ``x`` and key column ``kx``. ``y_index`` / ``y_weight`` (H, Kh, T)
-    combine rows of it into the bias of query row ``y`` and key row ``ky``:
-    ``bias[:, (y, x), (ky, kx)] = sum_t y_weight[y, ky, t] * table[:, y_index[y, ky, t], x, kx]``.
-    Memory is h * Uy * W * Kw (Uy ~ H + Kh unique pairs), against h * H * W * Kh * Kw for the
-    whole bias, so the attention op produces the bias of one block of query rows at a time.
+    ``table`` (Uy, h, W, Kw) is the bias with the x axis resolved: for every unique y-coordinate
+    pair ``uy``, head, query column ``x`` and key column ``kx``. ``y_index`` / ``y_weight``
+    (H, Kh, T) combine its slabs into the bias of query row ``y`` and key row ``ky``:
+    ``bias[:, (y, x), (ky, kx)] = sum_t y_weight[y, ky, t] * table[y_index[y, ky, t], :, x, kx]``.
+    Memory is Uy * h * W * Kw (Uy ~ H + Kh unique pairs), against h * H * W * Kh * Kw for the
+    whole bias, so the attention op produces the bias of one block of query rows at a time
+    (the unique-pair axis is outermost so that producing a block gathers whole slabs).
 
     A whole (h, N, Np) tensor fits the same form (``from_dense``: Uy = H, Kh = 1, Kw = Np), so
     the blocked op has one input format.
     """
 
-    def __init__(self, table: Tensor, y_index: Tensor, y_weight: Tensor, key_size: Size) -> None:
+    def __init__(self, table: Tensor, y_index: Tensor, y_weight: Tensor) -> None:
         self.table = table
         self.y_index = y_index
         self.y_weight = y_weight
-        self.key_size = (int(key_size[0]), int(key_size[1]))
 
     @classmethod
     def from_mlp_table(
-        cls, mlp_table: Tensor, y_taps: tuple[Tensor, Tensor], x_taps: tuple[Tensor, Tensor], key_size: Size
+        cls, mlp_table: Tensor, y_taps: tuple[Tensor, Tensor], x_taps: tuple[Tensor, Tensor]
     ) -> SeparableBias:
-        """From the bias MLP on unique pairs (h, Uy, Ux) and both axes' taps (see :func:`axis_taps`)."""
+        """From the bias MLP on unique pairs (h, Uy, Ux) and both axes' taps (index, weight),
+        each (queries, keys, taps) along its axis."""
         x_index, x_weight = x_taps
         h, uy, _ = mlp_table.shape
         W, kw, _ = x_index.shape
-        x_index, x_weight = x_index.to(mlp_table.device), x_weight.to(device=mlp_table.device, dtype=mlp_table.dtype)
+        # Gather whole (Uy, h) slabs along the unique-x axis (fast copies, not element gathers).
+        by_x = mlp_table.permute(2, 1, 0).contiguous()  # (Ux, Uy, h)
+        weights = x_weight.to(mlp_table.dtype)
         table = None
         for t in range(x_index.shape[-1]):
-            part = mlp_table[:, :, x_index[..., t].reshape(-1)] * x_weight[..., t].reshape(-1)
-            table = part if table is None else table + part
+            part = by_x.index_select(0, x_index[..., t].reshape(-1)).view(W, kw, uy, h)
+            wt = weights[..., t].view(W, kw, 1, 1)
+            table = part * wt if table is None else table.addcmul_(part, wt) if not table.requires_grad else table + part * wt
         y_index, y_weight = y_taps
-        return cls(
-            table.reshape(h, uy, W, kw),
-            y_index.to(mlp_table.device),
-            y_weight.to(device=mlp_table.device, dtype=mlp_table.dtype),
-            key_size,
-        )
+        return cls(table.permute(2, 3, 0, 1).contiguous(), y_index, y_weight.to(mlp_table.dtype))
 
     @classmethod
     def from_dense(cls, bias: Tensor, size: Size) -> SeparableBias:
-        """Wrap a whole (h, H*W, Np) bias tensor (no copy)."""
+        """Wrap a whole (h, H*W, Np) bias tensor (a view, no copy)."""
         h, _, np_ = bias.shape
         H, W = size
         y_index = torch.arange(H, device=bias.device).view(H, 1, 1)
         y_weight = torch.ones((H, 1, 1), dtype=bias.dtype, device=bias.device)
-        return cls(bias.reshape(h, H, W, np_), y_index, y_weight, (1, np_))
+        return cls(bias.reshape(h, H, W, np_).transpose(0, 1), y_index, y_weight)
 
     @property
     def num_heads(self) -> int:
-        return self.table.shape[0]
+        return self.table.shape[1]
 
     @property
     def size(self) -> Size:
@@ -88,10 +87,6 @@ class SeparableBias:
     def dtype(self) -> torch.dtype:
         return self.table.dtype
 
-    def rows(self, y0: int, y1: int) -> Tensor:
-        """(h, (y1 - y0) * W, Np): the bias of the queries in grid rows [y0, y1)."""
-        return rows_from_table(self.table.detach(), self.y_index, self.y_weight, y0, y1)
-
     def materialize(self) -> Tensor:
         """The whole (h, N, Np) bias, differentiable with respect to ``table``."""
         return rows_from_table(self.table, self.y_index, self.y_weight, 0, self.size[0])
@@ -106,32 +101,28 @@ def rows_from_table(table: Tensor, y_index: Tensor, y_weight: Tensor, y0: int, y
 
     ``out`` (h, rows, W, Kh, Kw), any strides, receives the result when given.
     """
-    h, _, W, kw = table.shape
-    rows, kh = y1 - y0, y_index.shape[1]
-    res = None
-    for t in range(y_index.shape[-1]):
-        idx = y_index[y0:y1, :, t].reshape(-1)
-        part = table.index_select(1, idx).view(h, rows, kh, W, kw).transpose(2, 3)  # (h, rows, W, Kh, Kw)
+    _, h, W, kw = table.shape
+    rows, kh, taps = y1 - y0, y_index.shape[1], y_index.shape[2]
+    res = out
+    for t in range(taps):
+        part = table.index_select(0, y_index[y0:y1, :, t].reshape(-1))  # whole (h, W, Kw) slabs
+        part = part.view(rows, kh, h, W, kw).permute(2, 0, 3, 1, 4)  # (h, rows, W, Kh, Kw)
         wt = y_weight[y0:y1, :, t].view(1, rows, 1, kh, 1)
-        if res is None:
-            if out is not None and y_index.shape[-1] == 1 and bool((wt == 1).all()):
-                return out.copy_(part)
+        if t == 0:
             res = part * wt if out is None else torch.mul(part, wt, out=out)
         else:
             res.addcmul_(part, wt)
-    if out is not None:
-        return out
-    return res.reshape(h, rows * W, kh * kw)
+    return res if out is not None else res.reshape(h, rows * W, kh * kw)
 
 
 def table_grad_from_rows(grad_rows: Tensor, y_index: Tensor, y_weight: Tensor, y0: int, y1: int, grad_table: Tensor) -> None:
-    """Accumulate into ``grad_table`` (h, Uy, W, Kw) the gradient of :func:`rows_from_table`.
+    """Accumulate into ``grad_table`` (Uy, h, W, Kw) the gradient of :func:`rows_from_table`.
 
     ``grad_rows`` (h, rows, W, Kh, Kw): gradient of the bias of query rows [y0, y1).
     """
-    h, _, W, kw = grad_table.shape
+    _, h, W, kw = grad_table.shape
     rows, kh = y1 - y0, y_index.shape[1]
-    g = grad_rows.transpose(2, 3)  # (h, rows, Kh, W, Kw)
+    g = grad_rows.permute(1, 3, 0, 2, 4)  # (rows, Kh, h, W, Kw)
     for t in range(y_index.shape[-1]):
-        wt = y_weight[y0:y1, :, t].view(1, rows, kh, 1, 1)
-        grad_table.index_add_(1, y_index[y0:y1, :, t].reshape(-1), (g * wt).reshape(h, rows * kh, W, kw))
+        wt = y_weight[y0:y1, :, t].view(rows, kh, 1, 1, 1)
+        grad_table.index_add_(0, y_index[y0:y1, :, t].reshape(-1), (g * wt).reshape(rows * kh, h, W, kw))

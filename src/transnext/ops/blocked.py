@@ -66,28 +66,36 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, si
 
 
 class _Block:
-    """Logits and softmax of the queries in grid rows [y0, y1), in a reusable buffer."""
+    """Logits and softmax of the queries in grid rows [y0, y1), in reusable buffers.
+
+    The q.k products go to a contiguous buffer (a plain matmul: CPU BLAS runs a strided or
+    accumulating batched matmul several times slower), and one pass adds the bias while moving
+    them into the [pooled | local] logits, whose softmax reduces over the innermost axis.
+    """
 
     def __init__(self, B: int, h: int, W: int, Np: int, L: int, rows: int, dt, device) -> None:
         self.buf = torch.empty((B * h, rows * W, Np + L), dtype=dt, device=device)
+        self.qk = torch.empty((B * h, rows * W, Np), dtype=dt, device=device)
         self.shape = (B, h, W, Np, L)
 
     def probs(self, p: _Prepared, qs: Tensor, bias, local_table: Tensor, y0: int, y1: int, window: int) -> Tensor:
         """(B*h, rows*W, Np + L) softmax over [pooled | local] keys of the block's queries."""
         B, h, W, Np, L = self.shape
-        table, y_index, y_weight = bias
+        table, y_index, y_weight, unit = bias
         rows, nb = y1 - y0, (y1 - y0) * W
         d = qs.shape[-1]
         buf = self.buf[:, :nb]
-        pooled = buf[:, :, :Np]
-        kh, kw = y_index.shape[1], table.shape[3]
-        # Bias rows (the same for every image), then q.k of the pooled keys added in place.
-        first = pooled.view(B, h, rows, W, kh, kw)[0]
-        rows_from_table(table, y_index, y_weight, y0, y1, out=first)
-        if B > 1:
-            pooled.view(B, h, nb, Np)[1:].copy_(pooled.view(B, h, nb, Np)[:1])
+        qk = self.qk[:, :nb]
         qs_blk = qs[:, :, y0 * W : y1 * W]
-        pooled.baddbmm_(qs_blk.reshape(B * h, nb, d), p.kp_hat.view(B * h, Np, d).transpose(1, 2))
+        torch.bmm(qs_blk.reshape(B * h, nb, d), p.kp_hat.view(B * h, Np, d).transpose(1, 2), out=qk)
+        kh, kw = y_index.shape[1], table.shape[3]
+        shape6 = (B, h, rows, W, kh, kw)
+        # The bias of the block's rows (the same for every image) added on the way into the logits.
+        if unit:
+            bias_rows = table.index_select(0, y_index[y0:y1, :, 0].reshape(-1)).view(rows, kh, h, W, kw).permute(2, 0, 3, 1, 4)
+        else:
+            bias_rows = rows_from_table(table, y_index, y_weight, y0, y1).view(h, rows, W, kh, kw)
+        torch.add(qk.view(shape6), bias_rows, out=buf[:, :, :Np].view(shape6))
         # Local window logits: one multiply-reduce per window slot over shifted key views.
         local = torch.empty((B, h, rows, W, L), dtype=buf.dtype, device=buf.device)
         qs5 = qs_blk.view(B, h, rows, W, d)
@@ -98,6 +106,12 @@ class _Block:
         torch.add(local.view(B, h, nb, L), local_table[:, y0 * W : y1 * W], out=buf.view(B, h, nb, Np + L)[..., Np:])
         torch.softmax(buf, dim=-1, out=buf)
         return buf
+
+
+def _bias_factors(table: Tensor, y_index: Tensor, y_weight: Tensor, dt) -> tuple:
+    """(table, y_index, y_weight, unit): ``unit`` when every row is one slab of weight 1 (a plain gather)."""
+    unit = y_index.shape[-1] == 1 and bool((y_weight == 1).all())
+    return table.to(dt), y_index, y_weight.to(dt), unit
 
 
 def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype) -> Tensor:
@@ -119,7 +133,7 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
             p = _prepare(q, k, v, k_pool, v_pool, size, r, dt)
             factor = mult.to(dt) * length_scale.to(dt)  # (h, N, 1)
             qs = torch.add(p.q_hat, query_embedding.to(dt)).mul_(factor)
-            bias = (bias_table.to(dt), bias_y_index, bias_y_weight.to(dt))
+            bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
             local_table = _local_table(local_bias, padding_mask, dt)
             tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
             rows = block_rows(B, h, W, Np + L, H)
@@ -163,7 +177,7 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
             factor = mult.to(dt) * length_scale.to(dt)
             qe = query_embedding.to(dt)
             qs = torch.add(q_hat, qe).mul_(factor)
-            bias = (bias_table.to(dt), bias_y_index, bias_y_weight.to(dt))
+            bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
             local_table = _local_table(local_bias, padding_mask, dt)
             tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
             rows = block_rows(B, h, W, Np + L, H)
