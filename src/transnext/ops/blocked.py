@@ -182,7 +182,9 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
             tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
             rows = block_rows(B, h, W, Np + L, H)
             block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
-            d_buf = torch.empty_like(block.buf)
+            d_buf = torch.empty_like(block.buf)  # d(loss)/d(probabilities), then the logits' gradient
+            d_out = torch.empty_like(block.buf)
+            part = torch.empty((B * h, Np, d), dtype=dt, device=q_hat.device)  # per-block key/value gradients
 
             dqs = torch.empty_like(qs)
             dq_hat = torch.empty_like(q_hat)
@@ -204,7 +206,8 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
                 g5 = g_blk.view(B, h, nr, W, d)
                 # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
                 dp = d_buf[:, :nb]
-                dp[:, :, :Np].copy_(torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2)))
+                torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2), out=block.qk[:, :nb])
+                dp[:, :, :Np].copy_(block.qk[:, :nb])
                 d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
                 tmp = torch.empty_like(g5)
                 for o, i, j in _offsets(window):
@@ -224,8 +227,8 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
                     w5 = weights.view(B, h, nr, W, L)
                     for o, i, j in _offsets(window):
                         dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
-                dvp.view(B * h, Np, d).baddbmm_(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d))
-                d_logits = torch._softmax_backward_data(dp, probs, -1, dt)
+                dvp.view(B * h, Np, d).add_(torch.bmm(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d), out=part))
+                d_logits = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, dt, grad_input=d_out[:, :nb])
                 d_pool = d_logits[:, :, :Np]
                 d_loc = d_logits[:, :, Np:].reshape(B, h, nr, W, L)
                 d_local_bias += d_loc.sum((0, 2, 3))
@@ -236,7 +239,7 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
                 qs_blk = qs[:, :, n0:n1]
                 dqs_blk = dqs[:, :, n0:n1]
                 torch.matmul(d_pool.view(B, h, nb, Np), kp_hat, out=dqs_blk)
-                dkp_hat.view(B * h, Np, d).baddbmm_(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d))
+                dkp_hat.view(B * h, Np, d).add_(torch.bmm(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d), out=part))
                 dqs5 = dqs_blk.view(B, h, nr, W, d)
                 qs5 = qs_blk.view(B, h, nr, W, d)
                 for o, i, j in _offsets(window):
