@@ -257,7 +257,8 @@ class AggregatedAttention(_CosineAttentionBase):
 
     def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor | SeparableBias:
         nbytes = self.num_heads * geom.num_tokens * geom.num_keys * dtype.itemsize
-        if nbytes <= self.MATERIALIZE_BIAS_BYTES or _is_tracing():
+        # (TorchScript tracing, e.g. ONNX export, needs the plain tensor; torch.compile keeps the factors.)
+        if nbytes <= self.MATERIALIZE_BIAS_BYTES or torch.jit.is_tracing():
             return super().position_bias(geom, dtype, device)
         table = self._cached(geom, dtype, device, "mlp", lambda g, dt, dev: self._bias_table(g, dt, dev)[0])
         y_taps, x_taps = geom.bias_taps(dtype, device)

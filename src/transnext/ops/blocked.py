@@ -121,37 +121,45 @@ def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype) -> Tensor:
     return local_bias.to(dtype).unsqueeze(1) + neg
 
 
+def _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+             bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window) -> tuple[Tensor, _Prepared]:
+    """Output (B, h, N, d) in q's dtype, and the prepared inputs backward needs."""
+    B, h, N, d = q.shape
+    H, W = size
+    r, L, Np = window // 2, window * window, k_pool.shape[2]
+    dt = compute_dtype(q)
+    with autocast_off(q.device.type):
+        p = _prepare(q, k, v, k_pool, v_pool, size, r, dt)
+        factor = mult.to(dt) * length_scale.to(dt)  # (h, N, 1)
+        qs = torch.add(p.q_hat, query_embedding.to(dt)).mul_(factor)
+        bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
+        local_table = _local_table(local_bias, padding_mask, dt)
+        tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
+        rows = block_rows(B, h, W, Np + L, H)
+        block = _Block(B, h, W, Np, L, rows, dt, q.device)
+        out = torch.empty((B, h, N, d), dtype=dt, device=q.device)
+        for y0 in range(0, H, rows):
+            y1 = min(H, y0 + rows)
+            n0, n1 = y0 * W, y1 * W
+            probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+            out_blk = out[:, :, n0:n1]
+            torch.matmul(probs[:, :, :Np].view(B, h, n1 - n0, Np), p.vp, out=out_blk)
+            weights = torch.matmul(p.q_hat[:, :, n0:n1], tokens)  # (B, h, nb, L)
+            weights += probs[:, :, Np:].view(B, h, n1 - n0, L)
+            weights += lbias
+            out5 = out_blk.view(B, h, y1 - y0, W, d)
+            w5 = weights.view(B, h, y1 - y0, W, L)
+            for o, i, j in _offsets(window):
+                out5.addcmul_(w5[..., o : o + 1], p.v_pad[:, :, y0 + i : y1 + i, j : j + W])
+    return out.to(q.dtype), p
+
+
 class _BlockedAggregatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
                 bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window):
-        B, h, N, d = q.shape
-        H, W = size
-        r, L, Np = window // 2, window * window, k_pool.shape[2]
-        dt = compute_dtype(q)
-        with autocast_off(q.device.type):
-            p = _prepare(q, k, v, k_pool, v_pool, size, r, dt)
-            factor = mult.to(dt) * length_scale.to(dt)  # (h, N, 1)
-            qs = torch.add(p.q_hat, query_embedding.to(dt)).mul_(factor)
-            bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
-            local_table = _local_table(local_bias, padding_mask, dt)
-            tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
-            rows = block_rows(B, h, W, Np + L, H)
-            block = _Block(B, h, W, Np, L, rows, dt, q.device)
-            out = torch.empty((B, h, N, d), dtype=dt, device=q.device)
-            for y0 in range(0, H, rows):
-                y1 = min(H, y0 + rows)
-                n0, n1 = y0 * W, y1 * W
-                probs = block.probs(p, qs, bias, local_table, y0, y1, window)
-                out_blk = out[:, :, n0:n1]
-                torch.matmul(probs[:, :, :Np].view(B, h, n1 - n0, Np), p.vp, out=out_blk)
-                weights = torch.matmul(p.q_hat[:, :, n0:n1], tokens)  # (B, h, nb, L)
-                weights += probs[:, :, Np:].view(B, h, n1 - n0, L)
-                weights += lbias
-                out5 = out_blk.view(B, h, y1 - y0, W, d)
-                w5 = weights.view(B, h, y1 - y0, W, L)
-                for o, i, j in _offsets(window):
-                    out5.addcmul_(w5[..., o : o + 1], p.v_pad[:, :, y0 + i : y1 + i, j : j + W])
+        out, p = _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table,
+                          bias_y_index, bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(
                 p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad, p.kp_hat, p.kp_norm, p.vp, query_embedding, mult,
@@ -160,124 +168,130 @@ class _BlockedAggregatedAttention(torch.autograd.Function):
             )
         ctx.geometry = (tuple(size), window)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, k_pool.dtype, v_pool.dtype)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, query_embedding, mult, length_scale, local_bias,
-         bias_table, bias_y_index, bias_y_weight, learnable_tokens, learnable_bias, padding_mask) = ctx.saved_tensors
-        (H, W), window = ctx.geometry
-        B, h, N, d = q_hat.shape
-        r, L, Np = window // 2, window * window, kp_hat.shape[2]
-        dt = q_hat.dtype
-        needs = ctx.needs_input_grad
+        (q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, *rest) = ctx.saved_tensors
         p = _Prepared(q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp)
-        with autocast_off(q_hat.device.type):
-            g = grad_out.to(dt).contiguous()
-            factor = mult.to(dt) * length_scale.to(dt)
-            qe = query_embedding.to(dt)
-            qs = torch.add(q_hat, qe).mul_(factor)
-            bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
-            local_table = _local_table(local_bias, padding_mask, dt)
-            tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
-            rows = block_rows(B, h, W, Np + L, H)
-            block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
-            d_buf = torch.empty_like(block.buf)  # d(loss)/d(probabilities), then the logits' gradient
-            d_out = torch.empty_like(block.buf)
-            part = torch.empty((B * h, Np, d), dtype=dt, device=q_hat.device)  # per-block key/value gradients
+        return _backward(p, grad_out, *rest, ctx.geometry, ctx.needs_input_grad, ctx.dtypes) + (None,) * 2
 
-            dqs = torch.empty_like(qs)
-            dq_hat = torch.empty_like(q_hat)
-            dkp_hat = torch.zeros_like(kp_hat)
-            dvp = torch.zeros_like(vp)
-            dk_pad = torch.zeros_like(k_pad) if needs[1] else None
-            dv_pad = torch.zeros_like(v_pad) if needs[2] else None
-            d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs[9] else None
-            d_local_bias = torch.zeros((h, L), dtype=dt, device=q_hat.device)
-            d_tokens = torch.zeros((h, d, L), dtype=dt, device=q_hat.device)
-            d_lbias = torch.zeros((h, 1, L), dtype=dt, device=q_hat.device)
-            vp2 = vp.view(B * h, Np, d)
-            for y0 in range(0, H, rows):
-                y1 = min(H, y0 + rows)
-                n0, n1, nr = y0 * W, y1 * W, y1 - y0
-                nb = n1 - n0
-                probs = block.probs(p, qs, bias, local_table, y0, y1, window)
-                g_blk = g[:, :, n0:n1]
-                g5 = g_blk.view(B, h, nr, W, d)
-                # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
-                dp = d_buf[:, :nb]
-                torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2), out=block.qk[:, :nb])
-                dp[:, :, :Np].copy_(block.qk[:, :nb])
-                d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
-                tmp = torch.empty_like(g5)
-                for o, i, j in _offsets(window):
-                    torch.mul(g5, v_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
-                    torch.sum(tmp, dim=-1, out=d_w[..., o])
-                d_w = d_w.view(B, h, nb, L)
-                dp.view(B, h, nb, Np + L)[..., Np:].copy_(d_w)
-                q_blk = q_hat[:, :, n0:n1]
-                d_tokens += torch.matmul(q_blk.transpose(-1, -2), d_w).sum(0)
-                d_lbias += d_w.sum((0, 2)).unsqueeze(1)
-                torch.matmul(d_w, tokens.transpose(-1, -2), out=dq_hat[:, :, n0:n1])
-                # Local aggregation weights (for the value gradient) before the softmax backward reuses memory.
-                if dv_pad is not None:
-                    weights = torch.matmul(q_blk, tokens)
-                    weights += probs[:, :, Np:].view(B, h, nb, L)
-                    weights += lbias
-                    w5 = weights.view(B, h, nr, W, L)
-                    for o, i, j in _offsets(window):
-                        dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
-                dvp.view(B * h, Np, d).add_(torch.bmm(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d), out=part))
-                d_logits = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, dt, grad_input=d_out[:, :nb])
-                d_pool = d_logits[:, :, :Np]
-                d_loc = d_logits[:, :, Np:].reshape(B, h, nr, W, L)
-                d_local_bias += d_loc.sum((0, 2, 3))
-                if d_table is not None:
-                    kh, kw = bias_y_index.shape[1], bias_table.shape[3]
-                    grad_rows = d_pool.reshape(B, h, nr, W, kh, kw).sum(0)
-                    table_grad_from_rows(grad_rows, bias_y_index, bias[2], y0, y1, d_table)
-                qs_blk = qs[:, :, n0:n1]
-                dqs_blk = dqs[:, :, n0:n1]
-                torch.matmul(d_pool.view(B, h, nb, Np), kp_hat, out=dqs_blk)
-                dkp_hat.view(B * h, Np, d).add_(torch.bmm(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d), out=part))
-                dqs5 = dqs_blk.view(B, h, nr, W, d)
-                qs5 = qs_blk.view(B, h, nr, W, d)
-                for o, i, j in _offsets(window):
-                    dz = d_loc[..., o : o + 1]
-                    dqs5.addcmul_(dz, k_pad[:, :, y0 + i : y1 + i, j : j + W])
-                    if dk_pad is not None:
-                        dk_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(dz, qs5)
-                del probs, d_logits
 
-            # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
-            d_mult = None
-            if needs[6]:
-                per_query = (dqs * torch.add(q_hat, qe)).sum(-1)  # (B, h, N)
-                d_mult = (per_query * length_scale.to(dt).view(1, 1, N)).sum((0, 2)).view(h, 1, 1)
-                del per_query
-            dqs.mul_(factor)
-            d_qe = dqs.sum((0, 2)).unsqueeze(1) if needs[5] else None
-            dq_hat.add_(dqs)
-            del dqs, qs
+def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+              bias_y_weight, learnable_tokens, learnable_bias, padding_mask, geometry, needs, dtypes) -> tuple:
+    """Gradients of every input of the blocked op (None where ``needs`` says none is wanted)."""
+    q_hat, q_norm, k_pad, k_norm, v_pad = p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad
+    kp_hat, kp_norm, vp = p.kp_hat, p.kp_norm, p.vp
+    (H, W), window = geometry
+    B, h, N, d = q_hat.shape
+    r, L, Np = window // 2, window * window, kp_hat.shape[2]
+    dt = q_hat.dtype
+    with autocast_off(q_hat.device.type):
+        g = grad_out.to(dt).contiguous()
+        factor = mult.to(dt) * length_scale.to(dt)
+        qe = query_embedding.to(dt)
+        qs = torch.add(q_hat, qe).mul_(factor)
+        bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
+        local_table = _local_table(local_bias, padding_mask, dt)
+        tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
+        rows = block_rows(B, h, W, Np + L, H)
+        block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
+        d_buf = torch.empty_like(block.buf)  # d(loss)/d(probabilities), then the logits' gradient
+        d_out = torch.empty_like(block.buf)
+        part = torch.empty((B * h, Np, d), dtype=dt, device=q_hat.device)  # per-block key/value gradients
 
-            dq = dk = dv = dkp = None
-            if needs[0]:
-                dq = normalize_backward(dq_hat, q_hat, q_norm)
-            if dk_pad is not None:
-                k_int = k_pad[:, :, r : r + H, r : r + W]
-                dk = normalize_backward(dk_pad[:, :, r : r + H, r : r + W], k_int, k_norm).reshape(B, h, N, d)
+        dqs = torch.empty_like(qs)
+        dq_hat = torch.empty_like(q_hat)
+        dkp_hat = torch.zeros_like(kp_hat)
+        dvp = torch.zeros_like(vp)
+        dk_pad = torch.zeros_like(k_pad) if needs[1] else None
+        dv_pad = torch.zeros_like(v_pad) if needs[2] else None
+        d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs[9] else None
+        d_local_bias = torch.zeros((h, L), dtype=dt, device=q_hat.device)
+        d_tokens = torch.zeros((h, d, L), dtype=dt, device=q_hat.device)
+        d_lbias = torch.zeros((h, 1, L), dtype=dt, device=q_hat.device)
+        vp2 = vp.view(B * h, Np, d)
+        for y0 in range(0, H, rows):
+            y1 = min(H, y0 + rows)
+            n0, n1, nr = y0 * W, y1 * W, y1 - y0
+            nb = n1 - n0
+            probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+            g_blk = g[:, :, n0:n1]
+            g5 = g_blk.view(B, h, nr, W, d)
+            # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
+            dp = d_buf[:, :nb]
+            torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2), out=block.qk[:, :nb])
+            dp[:, :, :Np].copy_(block.qk[:, :nb])
+            d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
+            tmp = torch.empty_like(g5)
+            for o, i, j in _offsets(window):
+                torch.mul(g5, v_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
+                torch.sum(tmp, dim=-1, out=d_w[..., o])
+            d_w = d_w.view(B, h, nb, L)
+            dp.view(B, h, nb, Np + L)[..., Np:].copy_(d_w)
+            q_blk = q_hat[:, :, n0:n1]
+            d_tokens += torch.matmul(q_blk.transpose(-1, -2), d_w).sum(0)
+            d_lbias += d_w.sum((0, 2)).unsqueeze(1)
+            torch.matmul(d_w, tokens.transpose(-1, -2), out=dq_hat[:, :, n0:n1])
+            # Local aggregation weights (for the value gradient) before the softmax backward reuses memory.
             if dv_pad is not None:
-                dv = dv_pad[:, :, r : r + H, r : r + W].reshape(B, h, N, d)
-            if needs[3]:
-                dkp = normalize_backward(dkp_hat, kp_hat, kp_norm)
-        q_dt, k_dt, v_dt, kp_dt, vp_dt = ctx.dtypes
-        return (
-            _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp if needs[4] else None, vp_dt),
-            _cast(d_qe, query_embedding.dtype), _cast(d_mult, mult.dtype), None,
-            _cast(d_local_bias if needs[8] else None, local_bias.dtype), _cast(d_table, bias_table.dtype), None, None,
-            _cast(d_tokens if needs[12] else None, learnable_tokens.dtype),
-            _cast(d_lbias if needs[13] else None, learnable_bias.dtype), None, None, None,
-        )
+                weights = torch.matmul(q_blk, tokens)
+                weights += probs[:, :, Np:].view(B, h, nb, L)
+                weights += lbias
+                w5 = weights.view(B, h, nr, W, L)
+                for o, i, j in _offsets(window):
+                    dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
+            dvp.view(B * h, Np, d).add_(torch.bmm(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d), out=part))
+            d_logits = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, dt, grad_input=d_out[:, :nb])
+            d_pool = d_logits[:, :, :Np]
+            d_loc = d_logits[:, :, Np:].reshape(B, h, nr, W, L)
+            d_local_bias += d_loc.sum((0, 2, 3))
+            if d_table is not None:
+                kh, kw = bias_y_index.shape[1], bias_table.shape[3]
+                grad_rows = d_pool.reshape(B, h, nr, W, kh, kw).sum(0)
+                table_grad_from_rows(grad_rows, bias_y_index, bias[2], y0, y1, d_table)
+            qs_blk = qs[:, :, n0:n1]
+            dqs_blk = dqs[:, :, n0:n1]
+            torch.matmul(d_pool.view(B, h, nb, Np), kp_hat, out=dqs_blk)
+            dkp_hat.view(B * h, Np, d).add_(torch.bmm(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d), out=part))
+            dqs5 = dqs_blk.view(B, h, nr, W, d)
+            qs5 = qs_blk.view(B, h, nr, W, d)
+            for o, i, j in _offsets(window):
+                dz = d_loc[..., o : o + 1]
+                dqs5.addcmul_(dz, k_pad[:, :, y0 + i : y1 + i, j : j + W])
+                if dk_pad is not None:
+                    dk_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(dz, qs5)
+            del probs, d_logits
+
+        # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
+        d_mult = None
+        if needs[6]:
+            per_query = (dqs * torch.add(q_hat, qe)).sum(-1)  # (B, h, N)
+            d_mult = (per_query * length_scale.to(dt).view(1, 1, N)).sum((0, 2)).view(h, 1, 1)
+            del per_query
+        dqs.mul_(factor)
+        d_qe = dqs.sum((0, 2)).unsqueeze(1) if needs[5] else None
+        dq_hat.add_(dqs)
+        del dqs, qs
+
+        dq = dk = dv = dkp = None
+        if needs[0]:
+            dq = normalize_backward(dq_hat, q_hat, q_norm)
+        if dk_pad is not None:
+            k_int = k_pad[:, :, r : r + H, r : r + W]
+            dk = normalize_backward(dk_pad[:, :, r : r + H, r : r + W], k_int, k_norm).reshape(B, h, N, d)
+        if dv_pad is not None:
+            dv = dv_pad[:, :, r : r + H, r : r + W].reshape(B, h, N, d)
+        if needs[3]:
+            dkp = normalize_backward(dkp_hat, kp_hat, kp_norm)
+    q_dt, k_dt, v_dt, kp_dt, vp_dt = dtypes
+    return (
+        _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp if needs[4] else None, vp_dt),
+        _cast(d_qe, query_embedding.dtype), _cast(d_mult, mult.dtype), None,
+        _cast(d_local_bias if needs[8] else None, local_bias.dtype), _cast(d_table, bias_table.dtype), None, None,
+        _cast(d_tokens if needs[12] else None, learnable_tokens.dtype),
+        _cast(d_lbias if needs[13] else None, learnable_bias.dtype), None,
+    )
 
 
 def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -297,4 +311,84 @@ def blocked_aggregated_attention(
         q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias,
         pool_bias.table, pool_bias.y_index, pool_bias.y_weight, learnable_tokens, learnable_bias, padding_mask,
         tuple(size), window,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The same op as a registered custom op, so ``torch.compile`` keeps these kernels as one opaque
+# call (with shape-only fake implementations) instead of tracing its Python loops.
+
+_DIFFERENTIABLE = (0, 1, 2, 3, 4, 5, 6, 8, 9, 12, 13)  # inputs of the op that get a gradient
+
+
+@torch.library.custom_op("transnext::blocked_aggregated_attention", mutates_args=())
+def _compiled_op(
+    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, mult: Tensor,
+    length_scale: Tensor, local_bias: Tensor, bias_table: Tensor, bias_y_index: Tensor, bias_y_weight: Tensor,
+    learnable_tokens: Tensor, learnable_bias: Tensor, padding_mask: Tensor, height: int, width: int, window: int,
+) -> Tensor:
+    return _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+                    bias_y_weight, learnable_tokens, learnable_bias, padding_mask, (height, width), window)[0]
+
+
+@_compiled_op.register_fake
+def _(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+      bias_y_weight, learnable_tokens, learnable_bias, padding_mask, height, width, window):
+    return q.new_empty(q.shape)  # contiguous, as the real op returns
+
+
+@torch.library.custom_op("transnext::blocked_aggregated_attention_backward", mutates_args=())
+def _compiled_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor,
+    mult: Tensor, length_scale: Tensor, local_bias: Tensor, bias_table: Tensor, bias_y_index: Tensor,
+    bias_y_weight: Tensor, learnable_tokens: Tensor, learnable_bias: Tensor, padding_mask: Tensor, height: int,
+    width: int, window: int,
+) -> list[Tensor]:
+    inputs = (q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+              bias_y_weight, learnable_tokens, learnable_bias, padding_mask)
+    dt = compute_dtype(q)
+    with autocast_off(q.device.type):
+        p = _prepare(q, k, v, k_pool, v_pool, (height, width), window // 2, dt)
+    needs = tuple(i in _DIFFERENTIABLE for i in range(len(inputs)))
+    grads = _backward(p, grad_out, *inputs[5:], ((height, width), window), needs,
+                      (q.dtype, k.dtype, v.dtype, k_pool.dtype, v_pool.dtype))
+    return [grads[i].contiguous() for i in _DIFFERENTIABLE]
+
+
+@_compiled_backward.register_fake
+def _(grad_out, q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
+      bias_y_weight, learnable_tokens, learnable_bias, padding_mask, height, width, window):
+    inputs = (q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table)
+    inputs += (bias_y_index, bias_y_weight, learnable_tokens, learnable_bias)
+    return [inputs[i].new_empty(inputs[i].shape) for i in _DIFFERENTIABLE]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:15])
+    ctx.geometry = inputs[15:]
+
+
+def _compiled_autograd(ctx, grad_out):
+    grads = _compiled_backward(grad_out, *ctx.saved_tensors, *ctx.geometry)
+    full: list = [None] * 18
+    for i, g in zip(_DIFFERENTIABLE, grads):
+        full[i] = g if ctx.needs_input_grad[i] else None
+    return tuple(full)
+
+
+_compiled_op.register_autograd(_compiled_autograd, setup_context=_setup_context)
+
+
+def compiled_aggregated_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
+    length_scale: Tensor, local_bias: Tensor, pool_bias, learnable_tokens: Tensor, learnable_bias: Tensor,
+    padding_mask: Tensor, size: tuple[int, int], window: int,
+) -> Tensor:
+    """:func:`blocked_aggregated_attention` through the registered custom op (used under ``torch.compile``)."""
+    if isinstance(pool_bias, Tensor):
+        pool_bias = SeparableBias.from_dense(pool_bias, size)
+    return _compiled_op(
+        q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias,
+        pool_bias.table, pool_bias.y_index, pool_bias.y_weight, learnable_tokens, learnable_bias, padding_mask,
+        int(size[0]), int(size[1]), window,
     )

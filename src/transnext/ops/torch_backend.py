@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import autocast_dtype, autocast_off, compute_dtype, is_tracing, normalize_backward, normalize_into
-from .blocked import blocked_aggregated_attention
+from .blocked import blocked_aggregated_attention, compiled_aggregated_attention
 
 
 def _offsets(window: int) -> list[tuple[int, int, int]]:
@@ -298,6 +298,12 @@ def aggregated_attention(
     training: bool = False,
 ) -> Tensor:
     p_drop = attn_drop if training else 0.0
+    if p_drop == 0.0 and torch.compiler.is_compiling():
+        # The compiler keeps the blocked kernels as one registered custom op.
+        return compiled_aggregated_attention(
+            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
+            learnable_tokens, learnable_bias, padding_mask, size, window,
+        )
     if not isinstance(pool_bias, Tensor) and (p_drop > 0.0 or is_tracing()):
         pool_bias = pool_bias.materialize()
     if is_tracing():
