@@ -23,7 +23,7 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..checkpoints import checkpoint_filter_fn
-from ..models.registry import DEFAULT_TAG, VARIANTS, WEIGHTS, Weights
+from ..models.registry import DEFAULT_TAG, VARIANTS, WEIGHTS, Weights, variant_kwargs
 from ..models.transnext import TransNeXt
 
 __all__ = ["default_cfgs", "pretrained_cfg", "MODEL_NAMES"]
@@ -61,19 +61,15 @@ def _weights_for(variant: str, cfg: Any) -> Weights:
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TransNeXt:
     w = _weights_for(variant, kwargs.get("pretrained_cfg"))
-    # The 384 fine-tunes run at 384 with position-bias coordinates of the 224 pretraining grid.
-    kwargs.setdefault("img_size", w.img_size)
-    kwargs.setdefault("pretrain_size", w.pretrain_size)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    model_args = dict(VARIANTS[variant])
-    model_args.update(kwargs)
+    # timm's own arguments (pretrained_cfg, features_only, ...) pass through to build_model_with_cfg.
     return build_model_with_cfg(
         TransNeXt,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **model_args,
+        **variant_kwargs(w.name, **kwargs),
     )
 
 
