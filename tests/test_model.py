@@ -297,7 +297,6 @@ def test_model_with_blockwise_bias_equals_materialised(backend, pos_bias, monkey
         model.eval()
         return out, model.block4[0].attn.cpb_fc1.weight.grad.clone(), model.block4[0].attn.temperature.grad.clone()
 
-    model.drop_path_rate = 0.0
     expected = run()
     monkeypatch.setattr(FullAttention, "MATERIALIZE_BIAS_BYTES", 0)
     # Blocks of 12 query rows: two whole grid rows of 5 after rounding, then a partial last block.
