@@ -1,4 +1,4 @@
-"""Public API: complexity versus SPEC section 1, timm-style methods, torch.hub entry points."""
+"""Public API: complexity versus docs/model.md section 1, timm-style methods, torch.hub entry points."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transnext.models import TransNeXt
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=64, embed_dims=(8, 16, 32, 64), num_heads=(1, 2, 4, 8), mlp_ratios=(8, 8, 4, 4), depths=(1, 1, 1, 1))
 
-# SPEC section 1 (224; micro_AAAA 256) and the 384 fine-tunes: (params M, GFLOPs).
+# docs/model.md section 1 (224; micro_AAAA 256) and the 384 fine-tunes: (params M, GFLOPs).
 PUBLISHED = {
     "transnext_micro.in1k": (12.8, 2.7),
     "transnext_tiny.in1k": (28.2, 5.7),

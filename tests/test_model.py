@@ -181,7 +181,7 @@ def test_pre_logits_and_no_weight_decay() -> None:
     groups = transnext.models.param_groups_weight_decay(model, 0.05)
     no_decay = {id(p) for p in groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
-    assert "block1.0.attn.learnable_bias" not in names  # 3-D: decayed (SPEC section 6)
+    assert "block1.0.attn.learnable_bias" not in names  # 3-D: decayed (docs/model.md section 6)
     assert "block1.0.norm1.weight" in names and "head.bias" in names
 
 

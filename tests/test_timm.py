@@ -43,7 +43,7 @@ def test_create_model_defaults_and_tags() -> None:
     ft = timm.create_model("transnext_micro.in1k", **SMALL)
     assert ft.pretrained_cfg["input_size"] == (3, 224, 224)
     cfg = timm.models.get_pretrained_cfg("transnext_small.in1k_384")
-    assert cfg.crop_pct == 1.0 and cfg.crop_mode == "squash"  # resize straight to 384 (SPEC section 7)
+    assert cfg.crop_pct == 1.0 and cfg.crop_mode == "squash"  # resize straight to 384 (docs/model.md section 7)
     data = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg("transnext_tiny").to_dict())
     assert data["crop_pct"] == 0.875 and data["interpolation"] == "bicubic" and data["input_size"] == (3, 224, 224)
 
