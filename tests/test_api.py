@@ -173,3 +173,31 @@ def test_weights_transforms_is_the_published_eval_transform() -> None:
     out = transnext.get_weights("transnext_small.in1k_384").transforms()(img)
     torch.testing.assert_close(out, (px - mean) / std, atol=1e-5, rtol=0)
     assert transnext.get_weights("transnext_base.in1k_384").transforms()(image(200, 500)[0]).shape == (3, 384, 384)
+
+
+def test_fx_tracer_kwargs_name_the_leaf_modules() -> None:
+    from transnext.integrations.fx import FX_LEAF_MODULES, fx_tracer_kwargs
+    from transnext.models.transnext import AggregatedAttention, ConvGLU, FullAttention
+
+    assert set(FX_LEAF_MODULES) == {AggregatedAttention, FullAttention, ConvGLU}
+    assert fx_tracer_kwargs() == {"leaf_modules": [AggregatedAttention, FullAttention, ConvGLU]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TransNeXt.forward checks its input with isinstance(x, Tensor) and looks up the stage geometry from the "
+           "concrete (H, W): both need a model-side hook before symbolic tracing works",
+)
+def test_torchvision_fx_feature_extractor_traces_any_size() -> None:
+    pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    from transnext.integrations.fx import fx_tracer_kwargs
+
+    model = TransNeXt(**SMALL, num_classes=3).eval()
+    _, nodes = get_graph_node_names(model, tracer_kwargs=fx_tracer_kwargs())
+    extractor = create_feature_extractor(model, return_nodes={nodes[-1]: "logits"}, tracer_kwargs=fx_tracer_kwargs())
+    for size in ((64, 64), (96, 80)):  # the traced graph serves other sizes too
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.equal(extractor(x)["logits"], model(x))

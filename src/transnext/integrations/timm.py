@@ -11,8 +11,10 @@ Pretrained configs are generated from :data:`transnext.models.WEIGHTS` (hub id, 
 evaluation transforms); published ``.pth`` files are adapted by
 :func:`transnext.checkpoints.checkpoint_filter_fn`. Feature extraction uses timm's ``getter``
 wrapper around :meth:`TransNeXt.forward_intermediates` (four NCHW maps, strides 4 to 32).
-Extra keyword arguments reach :class:`~transnext.models.TransNeXt` (``img_size``,
+Variants are built through :func:`transnext.models.variant_kwargs`, as ``create_model`` builds
+them; extra keyword arguments reach :class:`~transnext.models.TransNeXt` (``img_size``,
 ``pretrain_size``, ``pos_bias``, ``fixed_pool_size``, ``drop_path_rate``, ``attn_backend``, ...).
+The FX leaf modules of :mod:`transnext.integrations.fx` are registered with timm here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..checkpoints import checkpoint_filter_fn
 from ..models.registry import DEFAULT_TAG, VARIANTS, WEIGHTS, Weights, variant_kwargs
 from ..models.transnext import TransNeXt
+from .fx import register_with_timm
 
 __all__ = ["default_cfgs", "pretrained_cfg", "MODEL_NAMES"]
 
@@ -84,6 +87,8 @@ def _entrypoint(variant: str):
     ) + ")."
     return fn
 
+
+register_with_timm()  # modules timm's FX feature extraction keeps whole
 
 MODEL_NAMES = sorted(VARIANTS)
 _module = sys.modules[__name__]
