@@ -181,7 +181,7 @@ def test_pre_logits_and_no_weight_decay() -> None:
     groups = transnext.models.param_groups_weight_decay(model, 0.05)
     no_decay = {id(p) for p in groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
-    assert "block1.0.attn.learnable_bias" not in names  # 3-D: decayed (SPEC section 6)
+    assert "block1.0.attn.learnable_bias" not in names  # 3-D: decayed (docs/model.md section 6)
     assert "block1.0.norm1.weight" in names and "head.bias" in names
 
 
@@ -297,7 +297,6 @@ def test_model_with_blockwise_bias_equals_materialised(backend, pos_bias, monkey
         model.eval()
         return out, model.block4[0].attn.cpb_fc1.weight.grad.clone(), model.block4[0].attn.temperature.grad.clone()
 
-    model.drop_path_rate = 0.0
     expected = run()
     monkeypatch.setattr(FullAttention, "MATERIALIZE_BIAS_BYTES", 0)
     # Blocks of 12 query rows: two whole grid rows of 5 after rounding, then a partial last block.

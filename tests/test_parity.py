@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import transnext
-from conftest import fill_deterministic, load_case, load_variants, rel_err, seeded_randn
+from conftest import fill_deterministic, load_case, load_variants, reference_dir, rel_err, running_in_ci, seeded_randn
+from transnext import ops
 from transnext.models import TransNeXt
 from transnext.models.geometry import StageGeometry, build_cpb_table
 from transnext.models.transnext import AggregatedAttention, FullAttention
 
 TOL = 1e-6
+# Every backend: Triton kernels run on CPU only under the interpreter, which must be switched on
+# before they are defined (test_parity_triton_backend_interpreted runs them in a fresh process).
 BACKENDS = ["reference", "torch"]
+if os.environ.get("TRITON_INTERPRET") == "1" and "triton" in ops.available_backends("cpu"):
+    BACKENDS.append("triton")
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -165,3 +176,46 @@ def test_extrapolate_equals_reference_model_built_at_input_size() -> None:
     x = seeded_randn((1, 3, 96, 96), 3)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+def _run_triton_cases(selection: str, expected: int) -> None:
+    reference_dir()  # no golden data: skip (fail under CI) here rather than in the child process
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", str(root / "tests" / "test_parity.py"), "-q", "-p", "no:cacheprovider",
+           "-k", f"triton and ({selection}) and not interpreted"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"{expected} passed" in proc.stdout, proc.stdout[-2000:]
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+not_nested = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already under the Triton interpreter")
+
+
+@needs_triton
+@not_nested
+def test_parity_triton_layers_interpreted() -> None:
+    """The golden layer cases with the Triton backend, its kernels interpreted on CPU."""
+    _run_triton_cases("aggregated_attention_layer or full_attention_layer", 2)
+
+
+@needs_triton
+@not_nested
+@pytest.mark.slow
+def test_parity_triton_model_interpreted() -> None:
+    """The golden whole-model case (logits and every gradient) with the Triton backend, interpreted."""
+    _run_triton_cases("small_model_logits_and_gradients", 1)
+
+
+@pytest.mark.parametrize("ci", ["true", "1", ""])
+def test_missing_golden_data_fails_under_ci(ci: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import conftest
+
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(conftest, "REFERENCE_DIR", tmp_path / "missing")
+    assert running_in_ci() == bool(ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="golden reference data not found") as info:
+        reference_dir()
+    assert ("CI must provide it" in str(info.value)) == bool(ci)

@@ -193,9 +193,9 @@ def test_bf16_autocast_on_cpu(data, tmp_path):
 
 def test_finetune_from_checkpoint_other_size_and_classes(data, tmp_path):
     from transnext.checkpoints import save_state_dict
-    from transnext.engine.modeling import build_model
+    from transnext.engine.modeling import create_model_with_arch
 
-    src = build_model("transnext_micro", num_classes=5, model_kwargs=TINY_TRAIN["model_kwargs"], img_size=32, pretrain_size=64)
+    src = create_model_with_arch("transnext_micro", num_classes=5, model_kwargs=TINY_TRAIN["model_kwargs"], img_size=32, pretrain_size=64)
     save_state_dict(src.state_dict(), tmp_path / "published.pth")
     cfg = cfg_for(data, tmp_path / "ft", img_size=48, initial_checkpoint=str(tmp_path / "published.pth"), lr=1e-12,
                   warmup_lr=1e-12, min_lr=1e-12, weight_decay=0.0)
@@ -204,8 +204,8 @@ def test_finetune_from_checkpoint_other_size_and_classes(data, tmp_path):
     got = load_training_checkpoint(tmp_path / "ft" / "last.pth")["model"]
     assert got["head.weight"].shape == (3, 64)
     torch.testing.assert_close(got["block3.0.attn.kv.weight"], src.state_dict()["block3.0.attn.kv.weight"], atol=1e-6, rtol=0)
-    wrong = build_model("transnext_micro", num_classes=3, model_kwargs=dict(TINY_TRAIN["model_kwargs"], embed_dims=[8, 16, 32, 48]),
-                        img_size=32, pretrain_size=64)
+    wrong = create_model_with_arch("transnext_micro", num_classes=3,
+                                   model_kwargs=dict(TINY_TRAIN["model_kwargs"], embed_dims=[8, 16, 32, 48]), img_size=32, pretrain_size=64)
     save_state_dict(wrong.state_dict(), tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match="shape mismatches"):
         train(cfg_for(data, tmp_path / "ft2", initial_checkpoint=str(tmp_path / "wrong.pth")))

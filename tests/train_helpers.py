@@ -126,11 +126,11 @@ def save_tiny_checkpoint(path: Path, num_classes: int = 3, classes=None, img_siz
     """A transnext checkpoint (weights + architecture + classes + eval data config) of the tiny model."""
     import torch
 
-    from transnext.engine.modeling import build_model
+    from transnext.engine.modeling import create_model_with_arch
     from transnext.engine.state import save_training_checkpoint
 
     torch.manual_seed(seed)
-    m = build_model("transnext_micro", num_classes=num_classes, model_kwargs=TINY_ARCH, img_size=img_size, pretrain_size=64)
+    m = create_model_with_arch("transnext_micro", num_classes=num_classes, model_kwargs=TINY_ARCH, img_size=img_size, pretrain_size=64)
     cfg = dict(img_size=img_size, crop_pct=1.0, interpolation="bicubic", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     cfg.update(data_cfg)
     save_training_checkpoint(path, {

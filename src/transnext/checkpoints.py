@@ -7,7 +7,7 @@ rename), so an interrupted save never destroys the previous file.
 
 Accepted layouts: a bare state dict, or a training checkpoint with the state dict under ``model``,
 ``state_dict``, ``model_ema`` or ``module``; keys may carry a ``module.`` prefix (DataParallel /
-DDP). Key names are those of the published checkpoints (SPEC section 6), which are also the names
+DDP). Key names are those of the published checkpoints (docs/model.md section 6), which are also the names
 of :class:`~transnext.models.TransNeXt`, so no renaming is needed.
 """
 

@@ -34,7 +34,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     """Model (eval mode, on its device), data config for the transforms, and the device."""
 
     from ..engine.distributed import _pick_device
-    from ..engine.modeling import build_model, check_image_size, model_from_checkpoint
+    from ..engine.modeling import check_image_size, create_model_with_arch, model_from_checkpoint
     from ..models import get_weights
 
     device = _pick_device(args.device, 0)
@@ -46,7 +46,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     elif args.model:
         if not args.pretrained:
             raise ValueError("no weights given: pass --checkpoint PATH, or --pretrained to use the published weights of --model")
-        model = build_model(
+        model = create_model_with_arch(
             args.model, num_classes=args.num_classes or 1000, pos_bias=args.pos_bias or "extrapolate",
             fixed_pool_size=args.fixed_pool_size, attn_backend=args.attn_backend, pretrained=True,
         )

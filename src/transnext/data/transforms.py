@@ -1,4 +1,4 @@
-"""Training and evaluation transforms, built with timm (the recipe of SPEC section 7)."""
+"""Training and evaluation transforms, built with timm (the recipe of docs/model.md section 7)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ returns the stage outputs (after each stage's LayerNorm), with ``out_channels`` 
 ``FeaturePyramidNetwork`` and has the interface of torchvision's ``BackboneWithFPN`` (an
 ``OrderedDict`` of maps, an int ``out_channels``), so it plugs into torchvision's detectors.
 
-:func:`create_backbone` applies the settings the reference uses for dense tasks (SPEC section 8):
+:func:`create_backbone` applies the settings the reference uses for dense tasks (docs/model.md section 8):
 ``pretrain_size`` 224, ``img_size`` 512 (UPerNet, Mask2Former) or 800 (Mask R-CNN, DINO),
 interpolated position bias (UPerNet also has "extrapolation" configs), and the stochastic-depth
 rate of each task and variant.

@@ -2,7 +2,7 @@
 
 from .config import TrainConfig, load_config_file, resolve_config, save_config
 from .evaluate import ALEXNET_ERRORS, BENCHMARKS, detect_benchmark, evaluate, markdown_table, run_benchmark
-from .modeling import build_model, checkpoint_info, model_from_checkpoint
+from .modeling import checkpoint_info, create_model_with_arch, model_from_checkpoint
 from .predict import class_names_for, predict_images
 from .presets import PRESETS, get_preset, list_presets
 from .trainer import TrainingError, TrainingInterrupted, train
@@ -14,9 +14,9 @@ __all__ = [
     "TrainConfig",
     "TrainingError",
     "TrainingInterrupted",
-    "build_model",
     "checkpoint_info",
     "class_names_for",
+    "create_model_with_arch",
     "detect_benchmark",
     "evaluate",
     "get_preset",

@@ -9,10 +9,10 @@ import torch
 
 from ..checkpoints import CheckpointError
 
-__all__ = ["build_model", "checkpoint_info", "model_from_checkpoint"]
+__all__ = ["checkpoint_info", "create_model_with_arch", "model_from_checkpoint"]
 
 
-def build_model(
+def create_model_with_arch(
     model: str,
     num_classes: int = 1000,
     model_kwargs: dict[str, Any] | None = None,
@@ -25,7 +25,8 @@ def build_model(
     pretrained: bool = False,
     checkpoint_path: str | None = None,
 ) -> torch.nn.Module:
-    """``transnext.create_model`` plus architecture overrides (``model_kwargs``) and the arch record."""
+    """``transnext.create_model`` plus architecture overrides (``model_kwargs``), recording them in ``model.arch``
+    (saved in training checkpoints so that ``model_from_checkpoint`` can rebuild the same model)."""
     from ..models import create_model
 
     kwargs = dict(model_kwargs or {})
@@ -82,7 +83,7 @@ def model_from_checkpoint(
     kwargs = arch.get("model_kwargs", {}) if (model is None or model == arch.get("model")) else {}
     n_cls = num_classes or arch.get("num_classes") or info.get("head_classes") or 1000
     pre = arch.get("pretrain_size")
-    m = build_model(
+    m = create_model_with_arch(
         name, num_classes=n_cls, model_kwargs=kwargs,
         img_size=img_size or (arch.get("img_size") or [None])[0],
         pretrain_size=pre[0] if pre else None, pos_bias=pos_bias or arch.get("pos_bias", "extrapolate"),

@@ -1,4 +1,4 @@
-"""Published ImageNet-1K recipe (SPEC section 7) as presets, plus the embedded-demo preset.
+"""Published ImageNet-1K recipe (docs/model.md section 7) as presets, plus the embedded-demo preset.
 
 Each preset is a dict of :class:`~transnext.engine.config.TrainConfig` fields; anything in it
 can be overridden by a config file or a flag.
@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["DEMO_ARCH", "PRESETS", "get_preset", "list_presets", "preset_for_model"]
 
-# 300-epoch ImageNet-1K training from scratch (SPEC section 7).
+# 300-epoch ImageNet-1K training from scratch (docs/model.md section 7).
 _IMAGENET: dict[str, Any] = dict(
     dataset="folder", img_size=224, batch_size=128, total_batch_size=1024, epochs=300,
     opt="adamw", lr=1e-3, opt_eps=1e-8, weight_decay=0.05, sched="cosine", warmup_epochs=5, warmup_lr=1e-6,

@@ -196,7 +196,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     from ..data import SeededDataset, ShardSampler, build_train_sampler, collate_skip
     from ..models import DROP_PATH_RATES, param_groups_weight_decay
     from ..models.registry import split_name
-    from .modeling import build_model, check_image_size
+    from .modeling import check_image_size, create_model_with_arch
 
     t_start = time.perf_counter()
     device = info.device
@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # ---- model
     variant, _ = split_name(cfg.model)
     drop_path = cfg.drop_path if cfg.drop_path is not None else DROP_PATH_RATES.get(variant, 0.0)
-    model = build_model(
+    model = create_model_with_arch(
         cfg.model, num_classes=num_classes, model_kwargs=cfg.model_kwargs, img_size=cfg.img_size,
         pretrain_size=cfg.pretrain_size, pos_bias=cfg.pos_bias, drop_path=drop_path, attn_backend=cfg.attn_backend,
         pretrained=cfg.pretrained and ck is None and cfg.initial_checkpoint is None,

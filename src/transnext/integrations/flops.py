@@ -1,6 +1,6 @@
 """Parameter and multiply-add counts, measured with ``torch.utils.flop_counter`` on the meta device.
 
-Convention (the one that reproduces the published GFLOPs, SPEC section 1): one multiply-add
+Convention (the one that reproduces the published GFLOPs, docs/model.md section 1): one multiply-add
 counts once; matrix products and convolutions are counted (``FlopCounterMode`` reports two FLOPs
 per multiply-add, halved here); the local window attention is counted in its matrix-product
 (reference) form; the position-bias MLP is evaluated as in every training forward pass, not

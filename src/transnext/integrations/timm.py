@@ -11,8 +11,10 @@ Pretrained configs are generated from :data:`transnext.models.WEIGHTS` (hub id, 
 evaluation transforms); published ``.pth`` files are adapted by
 :func:`transnext.checkpoints.checkpoint_filter_fn`. Feature extraction uses timm's ``getter``
 wrapper around :meth:`TransNeXt.forward_intermediates` (four NCHW maps, strides 4 to 32).
-Extra keyword arguments reach :class:`~transnext.models.TransNeXt` (``img_size``,
+Variants are built through :func:`transnext.models.variant_kwargs`, as ``create_model`` builds
+them; extra keyword arguments reach :class:`~transnext.models.TransNeXt` (``img_size``,
 ``pretrain_size``, ``pos_bias``, ``fixed_pool_size``, ``drop_path_rate``, ``attn_backend``, ...).
+The FX leaf modules of :mod:`transnext.integrations.fx` are registered with timm here.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..checkpoints import checkpoint_filter_fn
-from ..models.registry import DEFAULT_TAG, VARIANTS, WEIGHTS, Weights
+from ..models.registry import DEFAULT_TAG, VARIANTS, WEIGHTS, Weights, variant_kwargs
 from ..models.transnext import TransNeXt
+from .fx import register_with_timm
 
 __all__ = ["default_cfgs", "pretrained_cfg", "MODEL_NAMES"]
 
@@ -61,19 +64,15 @@ def _weights_for(variant: str, cfg: Any) -> Weights:
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TransNeXt:
     w = _weights_for(variant, kwargs.get("pretrained_cfg"))
-    # The 384 fine-tunes run at 384 with position-bias coordinates of the 224 pretraining grid.
-    kwargs.setdefault("img_size", w.img_size)
-    kwargs.setdefault("pretrain_size", w.pretrain_size)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    model_args = dict(VARIANTS[variant])
-    model_args.update(kwargs)
+    # timm's own arguments (pretrained_cfg, features_only, ...) pass through to build_model_with_cfg.
     return build_model_with_cfg(
         TransNeXt,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **model_args,
+        **variant_kwargs(w.name, **kwargs),
     )
 
 
@@ -88,6 +87,8 @@ def _entrypoint(variant: str):
     ) + ")."
     return fn
 
+
+register_with_timm()  # modules timm's FX feature extraction keeps whole
 
 MODEL_NAMES = sorted(VARIANTS)
 _module = sys.modules[__name__]

@@ -5,11 +5,12 @@ from .registry import (
     VARIANTS,
     WEIGHTS,
     Weights,
-    build_model,
+    build_variant,
     create_model,
     get_weights,
     list_models,
     list_pretrained,
+    variant_kwargs,
 )
 from .transnext import TransNeXt, param_groups_weight_decay
 
@@ -19,10 +20,11 @@ __all__ = [
     "WEIGHTS",
     "TransNeXt",
     "Weights",
-    "build_model",
+    "build_variant",
     "create_model",
     "get_weights",
     "list_models",
     "list_pretrained",
     "param_groups_weight_decay",
+    "variant_kwargs",
 ]

@@ -8,12 +8,16 @@ registration, ``transnext info``) and docs all read.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .transnext import TransNeXt
 
-__all__ = ["VARIANTS", "WEIGHTS", "Weights", "create_model", "get_weights", "list_models", "list_pretrained"]
+__all__ = [
+    "VARIANTS", "WEIGHTS", "Weights", "build_variant", "create_model", "get_weights", "list_models", "list_pretrained",
+    "variant_kwargs",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,11 +47,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Published stochastic-depth rates of the ImageNet-1K recipe (SPEC section 7).
+# Published stochastic-depth rates of the ImageNet-1K recipe (docs/model.md section 7).
 DROP_PATH_RATES = {
     "transnext_micro": 0.15, "transnext_tiny": 0.25, "transnext_small": 0.45, "transnext_base": 0.6,
     "transnext_micro_aaaa": 0.15,
 }
+
+
+def final_grid(size: int) -> int:
+    """Side of the last stage's feature map for an input side ``size`` (stride 32).
+
+    The stem convolution (kernel 7, stride 4, padding 3) gives ceil(size / 4); each later patch
+    embedding (kernel 3, stride 2, padding 1) halves it, rounding up (docs/model.md section 1).
+    """
+    grid = -(-size // 4)
+    for _ in range(3):
+        grid = -(-grid // 2)
+    return grid
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,12 @@ class Weights:
         return f"https://huggingface.co/{self.hf_hub_id}/resolve/main/{self.filename}"
 
     def as_pretrained_cfg(self) -> dict[str, Any]:
-        """The same record as a timm-style pretrained config (a plain dict; timm not needed)."""
+        """The same record as a timm-style pretrained config (a plain dict; timm not needed).
+
+        ``pool_size`` is the last stage's (unpooled) feature grid at ``input_size``, as timm's model
+        contract expects; any input size runs (``fixed_input_size`` False).
+        """
+        size = (3, self.img_size, self.img_size)
         return dict(
             architecture=self.variant,
             tag=self.tag,
@@ -88,7 +109,9 @@ class Weights:
             hf_hub_filename=self.filename,
             url=self.url,
             num_classes=self.num_classes,
-            input_size=(3, self.img_size, self.img_size),
+            input_size=size,
+            test_input_size=size,  # evaluated at the training size (no larger test size)
+            pool_size=(final_grid(self.img_size), final_grid(self.img_size)),
             crop_pct=self.crop_pct,
             crop_mode=self.crop_mode,
             interpolation=self.interpolation,
@@ -102,13 +125,19 @@ class Weights:
             notes=(f"ImageNet-1K top-1 {self.top1}", f"pretrain_size {self.pretrain_size}"),
         )
 
-    @property
-    def transforms(self) -> dict[str, Any]:
-        """Evaluation preprocessing (SPEC section 7): resize short side to size/crop_pct + centre crop
-        below 384; a plain resize to size x size at 384 and above."""
-        return dict(
-            input_size=(3, self.img_size, self.img_size), interpolation=self.interpolation,
-            crop_pct=self.crop_pct, crop_mode=self.crop_mode, mean=self.mean, std=self.std,
+    def transforms(self) -> Callable[[Any], Any]:
+        """The evaluation transform of these weights (PIL image -> normalised tensor), as torchvision's
+        ``weights.transforms()``: below 384 resize the short side to size/crop_pct and centre-crop,
+        at 384 and above resize straight to size x size (docs/model.md section 7)."""
+        import importlib.util
+
+        if importlib.util.find_spec("timm") is None:
+            raise ImportError("Weights.transforms() builds the transform with timm: pip install 'transnext[timm]'")
+        from ..data.transforms import build_eval_transform
+
+        return build_eval_transform(
+            self.img_size, crop_pct=self.crop_pct, interpolation=self.interpolation, mean=self.mean, std=self.std,
+            crop_mode=self.crop_mode,
         )
 
 
@@ -187,11 +216,24 @@ def list_pretrained() -> list[str]:
     return sorted(WEIGHTS)
 
 
-def build_model(variant: str, **kwargs: Any) -> TransNeXt:
-    """Construct an architecture variant with no weights loaded (kwargs override the config)."""
-    cfg = dict(VARIANTS[variant])
-    cfg.update(kwargs)
-    return TransNeXt(**cfg)
+def variant_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """``TransNeXt`` constructor arguments of a variant or ``variant.tag``.
+
+    The one place where a name becomes an architecture: the variant's config, the input and
+    pretraining sizes of its weights record (the 384 fine-tunes: 384 with a 224 pretraining grid),
+    then ``overrides``; ``img_size`` / ``pretrain_size`` of None mean "the record's". Used by
+    :func:`create_model`, the timm registration and the torch.hub entry points.
+    """
+    variant, _ = split_name(name)
+    weights = get_weights(name)
+    kwargs: dict[str, Any] = dict(VARIANTS[variant], img_size=weights.img_size, pretrain_size=weights.pretrain_size)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None or k not in ("img_size", "pretrain_size")})
+    return kwargs
+
+
+def build_variant(name: str, **overrides: Any) -> TransNeXt:
+    """A variant (or ``variant.tag``) with freshly initialised weights; see :func:`variant_kwargs`."""
+    return TransNeXt(**variant_kwargs(name, **overrides))
 
 
 def create_model(
@@ -221,17 +263,10 @@ def create_model(
         drop_path_rate: stochastic depth (0 for inference; see ``DROP_PATH_RATES`` for training).
         **kwargs: further ``TransNeXt`` arguments (``attn_backend``, ``in_chans``, ...).
     """
-    variant, _ = split_name(name)
     weights = get_weights(name)
-    model = build_model(
-        variant,
-        num_classes=num_classes,
-        img_size=img_size if img_size is not None else weights.img_size,
-        pretrain_size=pretrain_size if pretrain_size is not None else weights.pretrain_size,
-        pos_bias=pos_bias,
-        fixed_pool_size=fixed_pool_size,
-        drop_path_rate=drop_path_rate,
-        **kwargs,
+    model = build_variant(
+        name, num_classes=num_classes, img_size=img_size, pretrain_size=pretrain_size, pos_bias=pos_bias,
+        fixed_pool_size=fixed_pool_size, drop_path_rate=drop_path_rate, **kwargs,
     )
     model.weights = weights
     model.pretrained_cfg = model.default_cfg = weights.as_pretrained_cfg()  # timm data helpers read it
