@@ -1,7 +1,7 @@
 """``transnext benchmark``: speed and memory of the attention backends and of peer models, side by side.
 
 The work is in the :mod:`transnext.benchmark` package (also ``python -m transnext.benchmark``);
-this module only wires it into the command line. Building the parser imports no torch.
+this module only wires it into the command line.
 """
 
 from __future__ import annotations
