@@ -55,7 +55,8 @@ def _count(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
-    what.add_argument("--variants", nargs="+", default=["transnext_tiny"], metavar="NAME", help="transnext variants")
+    what.add_argument("--variants", nargs="*", default=["transnext_tiny"], metavar="NAME",
+                      help="transnext variants (none: only the peers run)")
     what.add_argument("--sizes", nargs="+", type=parse_size, default=[(224, 224)], metavar="SIZE",
                       help="input sizes: PX (square) or HxW, e.g. 224 800x1344")
     what.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[8], metavar="B", help="batch sizes")
@@ -253,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_case(json.loads(args.case))), flush=True)
         return 0
+    if not args.variants and not args.peers:
+        raise ValueError("nothing to run: give --variants and/or --peers")
     backends = resolve_backends(args.backends, args.device, with_reference=not args.no_reference)
     check_peers(args.peers)
     check_preset(args.preset)
