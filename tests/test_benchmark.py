@@ -266,7 +266,7 @@ def test_compiled_case_runs(tmp_path) -> None:
     for r in results:
         assert "error" not in r, r
         assert ("compile_s" in r) == r["compile"] and r["images_per_s"] > 0
-    assert all(r["compile_s"] > 0 for r in results if r["compile"])
+    assert all(r["compile_s"] > 0 and r["compile_resident_mb"] is not None for r in results if r["compile"])
 
 
 def test_nothing_to_run_is_refused() -> None:

@@ -23,7 +23,8 @@ A case runs ``warmup`` untimed iterations, then ``repeats`` timed ones; the medi
 ``infer`` is a no-grad forward; ``train`` is forward, loss (cross-entropy; in ``--features`` mode
 the sum of the feature maps' means), backward and an AdamW step. ``--compile`` adds every case
 under ``torch.compile``: the first, compiling call is timed on its own (``compile_s``) and left
-out of the timing and of the peak. Achieved GFLOP/s counts the model's matrix-product and
+out of the timing; memory counts from after it (what the compiler keeps resident is
+``compile_resident_mb``; AdamW state is counted as in eager cases). Achieved GFLOP/s counts the model's matrix-product and
 convolution FLOPs (two per multiply-add, counted by :mod:`transnext.integrations.flops` for
 every model, transnext's local window in matrix form, the same count for every backend; a
 training step counts three forward passes) and is compared with the fp32 matrix-multiply rate

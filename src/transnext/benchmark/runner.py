@@ -378,8 +378,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         + ("" if args.no_memory_run else ", two steps with MALLOC_MMAP_THRESHOLD_=262144 (default-malloc RSS peak "
            "of the timing process in peak_default_mb)"),
         "timing": f"median of {args.repeats} after {args.warmup} warm-up iterations; best of {args.rounds} round(s)"
-        + ("; compiled cases: the first (compiling) call is timed apart (compile_s) and left out of time and peak memory"
-           if args.compile else ""),
+        + ("; compiled cases: the first (compiling) call is timed apart (compile_s); their memory counts from after it "
+           "(compiler's resident memory in compile_resident_mb)" if args.compile else ""),
         "flop_convention": FLOP_CONVENTION,
     }
     if args.peers:
