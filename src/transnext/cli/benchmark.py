@@ -1,7 +1,7 @@
-"""``transnext benchmark``: speed and memory of the attention backends, side by side.
+"""``transnext benchmark``: speed and memory of the attention backends and of peer models, side by side.
 
-The work is in :mod:`transnext.benchmark` (also ``python -m transnext.benchmark``); this module
-only wires it into the command line and keeps its imports lazy.
+The work is in the :mod:`transnext.benchmark` package (also ``python -m transnext.benchmark``);
+this module only wires it into the command line.
 """
 
 from __future__ import annotations

@@ -2,22 +2,26 @@
 
 Convention (the one that reproduces the published GFLOPs, docs/model.md section 1): one multiply-add
 counts once; matrix products and convolutions are counted (``FlopCounterMode`` reports two FLOPs
-per multiply-add, halved here); the local window attention is counted in its matrix-product
-(reference) form; the position-bias MLP is evaluated as in every training forward pass, not
-served from the inference cache. Element-wise work (softmax, GELU, LayerNorm, pooling) is not
-counted. Counting runs on a meta-device copy, so it allocates no weights and takes seconds even
-for the largest variant.
+per multiply-add, halved here; ``scaled_dot_product_attention`` counts as its two products); the
+local window attention is counted in its matrix-product (reference) form; the position-bias MLP
+is evaluated as in every training forward pass, not served from the inference cache.
+Element-wise work (softmax, GELU, LayerNorm, pooling) is not counted. Counting runs on a
+meta-device copy, so it allocates no weights and takes seconds even for the largest variant.
+
+The same counter measures any ``nn.Module`` (timm models, feature extractors) through
+:func:`measure_factory`, so comparisons with other architectures use one convention.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["Complexity", "count_params", "measure"]
+__all__ = ["Complexity", "count_params", "measure", "measure_factory"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,21 @@ def measure(
                         getattr(m, cache).clear()
             return clone
 
+    return measure_factory(build, input_size, include_position_bias)
+
+
+def measure_factory(
+    build: Callable[[str], nn.Module],
+    input_size: int | tuple[int, int] | None = None,
+    include_position_bias: bool = True,
+) -> Complexity:
+    """Parameters and multiply-adds of the model ``build(device)`` returns, for one image.
+
+    ``build`` is called with ``"meta"`` first (no weights allocated); where a kernel has no meta
+    implementation it is called again with ``"cpu"``. Any module works (its ``forward`` is what
+    is counted, e.g. a timm ``features_only`` model counts the backbone alone);
+    ``include_position_bias`` only matters for TransNeXt models.
+    """
     try:
         return _measure(build("meta"), input_size, include_position_bias, "meta")
     except (NotImplementedError, RuntimeError):
@@ -89,9 +108,13 @@ def _measure(model: nn.Module, input_size, include_position_bias: bool, device: 
     from torch.utils.flop_counter import FlopCounterMode
 
     model.eval()
-    if hasattr(model, "set_attn_backend"):
-        model.set_attn_backend("reference")  # the local window as matrix products
+    for m in model.modules():  # the model itself or a wrapped one (a dense backbone)
+        if hasattr(m, "set_attn_backend"):
+            m.set_attn_backend("reference")  # the local window as matrix products
+            break
     if input_size is None:
+        if not hasattr(model, "img_size"):
+            raise ValueError(f"{type(model).__name__} has no img_size: pass input_size=(H, W)")
         input_size = tuple(model.img_size)
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device=device)
