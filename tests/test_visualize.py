@@ -266,3 +266,19 @@ def test_without_the_extra_the_command_names_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert main(["visualize", "erf"]) == 1
     assert "pip install 'transnext[visualize]'" in capsys.readouterr().err
+
+
+def test_cli_cam(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pytorch_grad_cam")
+    out = tmp_path / "cam.png"
+    argv = ["visualize", "cam", "--model", "transnext_micro", "--num-classes", "4", "--img-size", "64", "--num-images", "2",
+            "--methods", "gradcam", "eigencam", "--topk", "2", "--out", str(out)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("demo_00_bear: class_") and lines[1].startswith("demo_01_bird: class_")
+    assert out.stat().st_size > 1000
+    assert main(argv + ["--target", "4"]) == 1
+    assert "target class(es) [4, 4] out of range: valid 0..3" in capsys.readouterr().err
+    assert main(argv + ["--methods", "nope"]) == 1
+    assert "unknown CAM method(s) ['nope']" in capsys.readouterr().err

@@ -35,9 +35,11 @@ def _save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
     from ..checkpoints import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png"))
     _pyplot().close(fig)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # an ordinary file, not the private temporary file's mode
     return path
 
 
@@ -51,16 +53,17 @@ def plot_erf(results: Sequence[ErfResult], path: str | os.PathLike, dpi: int = 1
     """The ERF heat maps side by side, each titled with its model and area ratios."""
     plt = _pyplot()
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 4.1), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.8, 4.0), squeeze=False, layout="constrained")
     for ax, r in zip(axes[0], results):
         im = ax.imshow(r.heat.numpy(), cmap=HEAT_CMAP, vmin=0, vmax=1)
         stage = "output" if r.stage is None else f"stage {r.stage}"
         ax.set_title(f"{r.name} ({stage})", fontsize=10)
-        ratios = "  ".join(f"{int(round(100 * t))}%: {v:.3f}" for t, v in r.area_ratios.items())
-        ax.set_xlabel(f"area ratio  {ratios}", fontsize=7.5)
+        masses = "/".join(f"{int(round(100 * t))}" for t in r.area_ratios)
+        ratios = " / ".join(f"{v:.3f}" for v in r.area_ratios.values())
+        ax.set_xlabel(f"area holding {masses}% of the mass:\n{ratios}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="log10(1 + |grad|), normalised")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.75, label="log10(1 + |grad|), normalised")
     H, W = results[0].heat.shape
     fig.suptitle(f"Effective receptive field (mean of {results[0].num_images} images, {H}x{W})", fontsize=11)
     return _save(fig, path, dpi)
@@ -196,8 +199,9 @@ def plot_attention(image: Tensor, maps: AttentionMaps, path: str | os.PathLike, 
     fig.colorbar(im, ax=ax_both, shrink=0.8)
     if h > 1:
         fovea = maps.fovea_mass()[0]
+        norm = _log_norm([sum(_density(maps, 0, k)) for k in range(h)])  # one colour scale for all heads
         for k in range(h):
-            _combined(axes[1 + k // cols, k % cols], image, maps, 0, k, f"head {k}: fovea {fovea[k]:.2f}")
+            _combined(axes[1 + k // cols, k % cols], image, maps, 0, k, f"head {k}: fovea {fovea[k]:.2f}", norm)
         for ax in axes.flat[cols + h :]:
             ax.axis("off")
     fig.suptitle(f"{head_text}: {where}", fontsize=10)
