@@ -175,6 +175,15 @@ def test_empty_image_folder(tmp_path):
         load_images(tmp_path, 64)
 
 
+def test_image_folder_is_read_and_resized(tmp_path):
+    from transnext.data import write_demo_images
+
+    write_demo_images(tmp_path, n=3)
+    images = load_images(tmp_path, (40, 48), limit=2)
+    assert images.pixels.shape == (2, 3, 40, 48) and images.names == ["00_bear", "01_bird"]
+    assert 0 <= images.pixels.min() and images.pixels.max() <= 1 and images.pixels.max() > 0.9  # white silhouettes
+
+
 # ------------------------------------------------------------------------------------------ CAM
 def test_cam_reshape_and_grad_cam_by_hand():
     pytest.importorskip("pytorch_grad_cam")

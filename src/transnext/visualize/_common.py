@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,7 @@ def load_model(
 
             model = create_model(name, pretrained=pretrained, **kwargs)
         return LoadedModel(model.eval(), name, classes=classes)
-    timm = importlib.util.find_spec("timm") and importlib.import_module("timm")
+    timm = importlib.import_module("timm") if importlib.util.find_spec("timm") else None
     if timm and timm.is_model(name):
         model = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint or "")
         cfg = getattr(model, "pretrained_cfg", None) or {}

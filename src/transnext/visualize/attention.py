@@ -185,19 +185,19 @@ def attention_maps(
     tokens_in, H, W, geom = captured["args"]
     stride = 2 ** (stage + 2)
     tokens = torch.tensor([[min(y // stride, H - 1), min(xq // stride, W - 1)] for y, xq in queries])
-    local, learnable, pooled = _weights(attn, tokens_in, (H, W), geom, tokens[:, 0] * W + tokens[:, 1])
+    local, learnable, pooled, pool = _weights(attn, tokens_in, (H, W), geom, tokens[:, 0] * W + tokens[:, 1])
     w = attn.window_size
     Q, h = local.shape[:2]
     return AttentionMaps(
         queries=[(int(y), int(xq)) for y, xq in queries], tokens=tokens,
         local=local.reshape(Q, h, w, w).cpu(), local_learnable=learnable.reshape(Q, h, w, w).cpu(),
-        pooled=pooled.reshape(Q, h, *geom.pool).cpu(), grid=(H, W), pool=tuple(geom.pool), stride=stride,
+        pooled=pooled.reshape(Q, h, *pool).cpu(), grid=(H, W), pool=pool, stride=stride,
         image_size=(Hi, Wi), stage=stage, block=block,
     )
 
 
-def _weights(attn: nn.Module, x: Tensor, size: tuple[int, int], geom, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(local softmax (Q, h, L), learnable-token term (Q, h, L), pooled softmax (Q, h, Np)) in float64.
+def _weights(attn: nn.Module, x: Tensor, size: tuple[int, int], geom, index: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """(local softmax (Q, h, L), learnable-token term (Q, h, L), pooled softmax (Q, h, Np), pooled grid) in float64.
 
     ``x``: the layer input (1, N, C); ``index``: the query tokens (Q,). The only place that reads
     the stage geometry (pooled grid, length scale, padding mask, position bias).
@@ -241,4 +241,4 @@ def _weights(attn: nn.Module, x: Tensor, size: tuple[int, int], geom, index: Ten
 
     learnable = torch.einsum("qhd,hdl->qhl", q_hat, layer.learnable_tokens) + layer.learnable_bias[:, 0]
     learnable = learnable.masked_fill(outside[:, None, :], 0.0)  # padded slots carry zero values
-    return local, learnable, pooled_w
+    return local, learnable, pooled_w, (int(geom.pool[0]), int(geom.pool[1]))
