@@ -169,9 +169,12 @@ def _load_transnext(args: argparse.Namespace):
 def _cam(args: argparse.Namespace) -> int:
     from ..engine.predict import class_names_for
     from ..visualize import load_images
-    from ..visualize.cam import class_activation_maps
+    from ..visualize.cam import CAM_METHODS, class_activation_maps
     from ..visualize.plot import plot_cam
 
+    unknown = [m for m in args.methods if m not in CAM_METHODS]
+    if unknown:  # before any model is built
+        raise ValueError(f"unknown CAM method(s) {unknown}; choose from {', '.join(CAM_METHODS)}")
     images = load_images(args.images, args.img_size, args.num_images)
     lm = _load_transnext(args)
     lm.model.to(_device(args))
