@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("erf", help="effective receptive fields of one or more models, side by side",
                        description="Effective receptive field (Luo et al. 2016): mean |d centre unit / d input| over images, "
-                                   "log-scaled; prints the area ratios holding 20/50/80/99%% of the mass.")
+                                   "log-scaled; prints the area ratios holding 20/50/80/99% of the mass.")
     p.add_argument("--models", nargs="+", default=["transnext_tiny"], metavar="NAME[=PATH]",
                    help="transnext variants or timm model names, optionally with a weights file (default transnext_tiny)")
     p.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_DIR",
