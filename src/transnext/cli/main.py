@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "top-k predictions for images or folders"),
     "benchmark": ("benchmark", "speed and memory of attention backends, side by side"),
     "demo": ("demo", "train, evaluate and predict on the embedded demo data set"),
+    "visualize": ("visualize", "see what a model sees: effective receptive field, attention maps, class activation maps"),
 }
 
 
