@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -353,6 +354,39 @@ def test_backend_resolution(monkeypatch) -> None:
     with pytest.raises(ValueError, match="unknown attention backend"):
         ops.resolve_backend("cuda_magic", "cpu")
     assert set(ops.available_backends("cpu")) >= {"reference", "torch"}
+
+
+def test_backend_choice_reaches_conv_glu_and_pooling(monkeypatch) -> None:
+    """attn_backend= and set_attn_backend select the backend of every op, Conv-GLU and pooling included."""
+    calls = []
+    plain = importlib.import_module("transnext.ops.conv_glu")._plain
+    monkeypatch.setattr(importlib.import_module("transnext.ops.conv_glu"), "_plain", lambda *a: calls.append(1) or plain(*a))
+    model = tiny_model(attn_backend="reference").eval()
+    assert {m.attn_backend for m in model.modules() if hasattr(m, "attn_backend")} == {"reference"}
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert len(calls) == 5  # one plain Conv-GLU per block
+    model.set_attn_backend("torch")
+    assert {m.attn_backend for m in model.modules() if hasattr(m, "attn_backend")} == {"torch"}
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert calls == []
+
+
+def test_fallbacks_warn_once(monkeypatch) -> None:
+    dispatch = importlib.import_module("transnext.ops.dispatch")
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device_type: True)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(UserWarning, match="full_attention runs in the 'torch' backend instead of 'triton'"):
+        assert ops.select_backend("full_attention", "triton", "cuda") == "torch"
+    with pytest.warns(UserWarning, match="dropout"):
+        assert ops.select_backend("aggregated_attention", "triton", "cuda", dropout=True) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same fallback again: silent
+        assert ops.select_backend("full_attention", "triton", "cuda") == "torch"
+        assert ops.select_backend("aggregated_attention", "triton", "cuda") == "triton"
+        assert ops.select_backend("full_attention", "reference", "cpu", dropout=True, tracing=True) == "reference"
 
 
 def test_functional_path_used_under_tracing() -> None:

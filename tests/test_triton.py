@@ -50,7 +50,7 @@ def test_package_works_without_triton(monkeypatch) -> None:
     assert "triton" not in ops.available_backends("cuda")
     assert ops.resolve_backend("auto", "cuda") == "torch"
     with pytest.raises(RuntimeError, match="triton"):
-        ops._impl("triton", "cpu")
+        ops.select_backend("aggregated_attention", "triton", "cpu")
     import transnext
 
     model = transnext.TransNeXt(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1),

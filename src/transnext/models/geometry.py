@@ -3,7 +3,7 @@
 Everything here is a pure function of grid sizes, so it is computed once per size on the CPU and
 cached by the caller (:class:`StageGeometry` objects are small). The rounding of the reference
 implementation is reproduced on purpose: coordinates are built with float32 ops, and the
-length scales of Aggregated Attention are float32 logarithms (SPEC section 3).
+length scales of Aggregated Attention are float32 logarithms (docs/model.md section 3).
 """
 
 from __future__ import annotations

@@ -99,8 +99,9 @@ class DWConv(nn.Module):
 class ConvGLU(nn.Module):
     """Convolutional GLU: fc1 -> [gate | value]; fc2(GELU(dwconv(gate)) * value)."""
 
-    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0, attn_backend: str | None = None) -> None:
         super().__init__()
+        self.attn_backend = attn_backend  # the model's ops backend (the name is shared with the attention layers)
         hidden = int(2 * int(dim * mlp_ratio) / 3)
         self.fc1 = nn.Linear(dim, hidden * 2)
         self.dwconv = DWConv(hidden)
@@ -113,7 +114,7 @@ class ConvGLU(nn.Module):
             # One op that recomputes the cheap middle in backward (see transnext.ops.conv_glu).
             return ops.conv_glu(
                 x, self.fc1.weight, self.fc1.bias, self.dwconv.dwconv.weight, self.dwconv.dwconv.bias,
-                self.fc2.weight, self.fc2.bias, (H, W), self.drop.p, self.training, getattr(self, "ops_backend", None),
+                self.fc2.weight, self.fc2.bias, (H, W), self.drop.p, self.training, self.attn_backend,
             )
         gate, value = self.fc1(x).chunk(2, dim=-1)
         x = self.drop(self.act(self.dwconv(gate, H, W)) * value)
@@ -204,10 +205,6 @@ class _CosineAttentionBase(nn.Module):
             self._bias_cache.clear()  # one size at a time: keeps memory bounded
             value = self._bias_cache[key] = compute(geom, dtype, device)
         return value
-
-    def _scale_query(self, q: Tensor, geom: StageGeometry) -> Tensor:
-        scale = geom.length_scale(q.dtype, q.device)
-        return (q + self.query_embedding) * F.softplus(self.temperature) * scale
 
 
 class AggregatedAttention(_CosineAttentionBase):
@@ -392,7 +389,7 @@ class Block(nn.Module):
             self.attn = FullAttention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = ConvGLU(dim, mlp_ratio, drop)
+        self.mlp = ConvGLU(dim, mlp_ratio, drop, attn_backend)
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), H, W, geom))
@@ -748,7 +745,7 @@ class TransNeXt(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay besides 1-D tensors and biases (SPEC section 6)."""
+        """Names excluded from weight decay besides 1-D tensors and biases (docs/model.md section 6)."""
         return {n for n, _ in self.named_parameters() if any(k in n for k in self.no_weight_decay_keywords())}
 
     @torch.jit.ignore
@@ -774,16 +771,14 @@ class TransNeXt(nn.Module):
         self.grad_checkpointing = enable
 
     def set_attn_backend(self, backend: str | None) -> None:
-        """Select the attention ops backend for every layer (``None``/``"auto"`` = automatic)."""
+        """Select the ops backend of every attention layer and Conv-GLU (``None``/``"auto"`` = automatic)."""
         if backend is not None:
             ops.resolve_backend(backend, "cpu")
-        for m in self.modules():
-            if isinstance(m, _CosineAttentionBase):
-                m.attn_backend = backend
+        ops.set_backend(self, backend)
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups with the published no-weight-decay rules (SPEC section 6)."""
+    """AdamW parameter groups with the published no-weight-decay rules (docs/model.md section 6)."""
     keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():

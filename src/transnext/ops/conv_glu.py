@@ -1,4 +1,4 @@
-"""Convolutional GLU (SPEC section 2) as one op that keeps little for backward.
+"""Convolutional GLU (docs/model.md section 2) as one op that keeps little for backward.
 
 ``fc2(GELU(dwconv(gate)) * value)`` with ``[gate | value] = fc1(x)``. Plain autograd keeps five
 hidden-sized tensors per block (the gate in conv layout, the conv output, the GELU output, the
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _common
 from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing
+from .dispatch import select_backend
 
 
 def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -147,10 +148,8 @@ def conv_glu(
 
     The ``reference`` backend runs the plain module formulation (the baseline of benchmarks).
     """
-    from . import resolve_backend
-
     args = (x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, tuple(size))
-    plain = resolve_backend(backend, x.device.type) == "reference"
+    plain = select_backend("conv_glu", backend, x.device.type) == "reference"
     if plain or (drop > 0.0 and training) or is_tracing():
         return _plain(*args, drop, training)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import autocast_dtype, autocast_off, is_tracing
+from .dispatch import select_backend
 
 
 def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -72,10 +73,9 @@ def sr_gelu_pool(
 
     The ``reference`` backend runs the plain module formulation.
     """
-    from . import resolve_backend
 
     size, pool = tuple(size), tuple(pool)
-    if resolve_backend(backend, x.device.type) == "reference" or is_tracing():
+    if select_backend("sr_gelu_pool", backend, x.device.type) == "reference" or is_tracing():
         y = F.gelu(F.conv2d(_as_map(x, size), weight, bias))
         return _as_tokens(F.adaptive_avg_pool2d(y, pool))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

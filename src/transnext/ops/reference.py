@@ -1,4 +1,4 @@
-"""Reference backend: the plain unfold formulation of Aggregated Attention (SPEC section 4).
+"""Reference backend: the plain unfold formulation of Aggregated Attention (docs/model.md section 4).
 
 Kept deliberately straightforward: it is the baseline every other backend is tested and
 benchmarked against, so it must stay a faithful, unoptimised transcription of the paper's

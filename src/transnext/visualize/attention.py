@@ -234,7 +234,9 @@ def _weights(attn: nn.Module, x: Tensor, size: tuple[int, int], geom, index: Ten
 
     logits_local = torch.einsum("qhd,qlhd->qhl", q_scaled, k_hat[neighbours]) + layer.relative_pos_bias_local
     logits_local = logits_local.masked_fill(outside[:, None, :], float("-inf"))
-    bias = layer.position_bias(geom, torch.float64, dev)  # (h, N, Np)
+    bias = layer.position_bias(geom, torch.float64, dev)  # (h, N, Np), or its factors on large grids
+    if not isinstance(bias, torch.Tensor):
+        bias = bias.materialize()
     logits_pool = torch.einsum("qhd,phd->qhp", q_scaled, k_pool_hat) + bias[:, index].transpose(0, 1)
     probs = torch.cat([logits_local, logits_pool], dim=-1).softmax(dim=-1)
     local, pooled_w = probs[..., :L], probs[..., L:]
