@@ -135,14 +135,16 @@ def test_forward_intermediates_indices_and_formats() -> None:
     x = seeded_randn((1, 3, 64, 64), 6)
     with torch.no_grad():
         final, feats = model.forward_intermediates(x)
-        assert len(feats) == 4 and final.shape == (1, 4, 64)
+        assert len(feats) == 4 and final.shape == (1, 64, 2, 2)  # the unpooled last map, as forward_features
+        torch.testing.assert_close(final, model.forward_features(x))
         last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
         assert [f.shape[1] for f in last2] == [32, 64]
         sel = model.forward_intermediates(x, indices=(0, -1), intermediates_only=True, output_fmt="NHWC")
         assert sel[0].shape == (1, 16, 16, 8) and sel[1].shape == (1, 2, 2, 64)
         torch.testing.assert_close(sel[0].permute(0, 3, 1, 2), feats[0])
-        # The head on the final tokens equals forward.
+        # The head on the final map equals forward; tokens (B, N, C) are pooled the same way.
         torch.testing.assert_close(model.forward_head(final), model(x))
+        torch.testing.assert_close(model.forward_head(final.flatten(2).transpose(1, 2)), model(x))
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(x, indices=(4,))
 
@@ -304,3 +306,18 @@ def test_model_with_blockwise_bias_equals_materialised(backend, pos_bias, monkey
     got = run()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_resolution_plan_is_validated_and_one_source() -> None:
+    """set_pos_bias rebuilds a validated plan (a bad fixed_pool_size is refused, as in the constructor)."""
+    model = tiny_config()
+    with pytest.raises(ValueError, match="fixed_pool_size must be a positive int"):
+        model.set_pos_bias(fixed_pool_size=0)
+    with pytest.raises(ValueError, match="pos_bias must be one of"):
+        model.set_pos_bias("nearest")
+    assert model.fixed_pool_size is None and model.pos_bias == "extrapolate"  # unchanged after the errors
+    model.set_pos_bias("interpolate", fixed_pool_size=2)
+    assert (model.pos_bias, model.fixed_pool_size) == ("interpolate", 2) == (model.plan.pos_bias, model.plan.fixed_pool_size)
+    assert model.stage_geometry(0, (16, 16)).pool == (2, 2)
+    with pytest.raises(ValueError, match=r"fixed_pool_size=2 is larger than the stage 3 feature map 1x1 \(input 16x16\)"):
+        model.check_input_size((16, 16))

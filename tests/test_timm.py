@@ -189,7 +189,7 @@ def test_default_cfg_matches_the_model(name: str) -> None:
         torch.testing.assert_close(tokens, model.forward_features(x))
         pre = model.forward_head(tokens, pre_logits=True)
         assert tuple(last.shape[-2:]) == cfg["pool_size"]  # the unpooled final grid
-        assert tokens.shape == (1, cfg["pool_size"][0] * cfg["pool_size"][1], model.num_features)
+        assert tokens.shape == (1, model.num_features, *cfg["pool_size"])  # unpooled NCHW map
         assert pre.shape == (1, model.head_hidden_size)
         model.reset_classifier(0)
         assert model.num_classes == 0
@@ -198,8 +198,6 @@ def test_default_cfg_matches_the_model(name: str) -> None:
     assert isinstance(headless.head, torch.nn.Identity) and headless.num_features == 64
 
 
-@pytest.mark.xfail(strict=True, reason="forward_features returns last-stage tokens (B, N, C); timm's test_model_default_cfgs "
-                   "expects the unpooled map, NCHW (or NHWC with model.output_fmt='NHWC')")
 def test_forward_features_is_a_spatial_map_as_timm_expects() -> None:
     model = timm.create_model("transnext_micro", **SMALL).eval()
     with torch.no_grad():
@@ -224,11 +222,6 @@ def test_features_only_contract(name: str) -> None:
 
 
 # ---------------------------------------------------------------- FX feature extraction
-FX_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="TransNeXt.forward checks its input with isinstance(x, Tensor) and looks up the stage geometry from the "
-           "concrete (H, W): both need a model-side hook before symbolic tracing works",
-)
 
 
 def test_fx_leaf_modules_registered_with_timm() -> None:
@@ -240,7 +233,6 @@ def test_fx_leaf_modules_registered_with_timm() -> None:
     assert {AggregatedAttention, FullAttention, ConvGLU} <= set(get_notrace_modules())
 
 
-@FX_XFAIL
 def test_timm_fx_features_equal_forward_intermediates() -> None:
     """timm.create_model(..., features_only=True, feature_cls='fx'): the stage maps, NCHW."""
     feats = timm.create_model("transnext_micro", features_only=True, feature_cls="fx", **SMALL).eval()

@@ -222,12 +222,10 @@ def test_cam_reshape_and_grad_cam_by_hand():
 
 
 def _run_from_stage(model: TransNeXt, fmap: torch.Tensor, start: int) -> torch.Tensor:
-    """Stages ``start``.. of the model on a (B, C, H, W) map: the last stage's tokens."""
+    """Stages ``start``.. of the model on a (B, C, H, W) map: the last stage's map."""
     x = fmap
     for i in range(start, model.num_stages):
-        x, H, W = model._run_stage(i, x)
-        if i != model.num_stages - 1:
-            x = model._to_map(x, H, W)
+        x, _, _ = model._run_stage(i, x)
     return x
 
 

@@ -77,7 +77,7 @@ def measure(
         def build(device: str) -> nn.Module:
             clone = copy.deepcopy(model).to(device)
             for m in clone.modules():  # a fresh copy computes its tables (and the bias) again
-                for cache in ("_bias_cache", "_geometry_cache"):
+                for cache in ("_bias_cache", "_cache"):
                     if isinstance(getattr(m, cache, None), dict):
                         getattr(m, cache).clear()
             return clone

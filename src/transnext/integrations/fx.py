@@ -21,11 +21,13 @@ from typing import Any
 
 from torch import nn
 
+from ..models.geometry import GeometryTables
 from ..models.transnext import AggregatedAttention, ConvGLU, FullAttention
 
 __all__ = ["FX_LEAF_MODULES", "fx_tracer_kwargs", "register_with_timm"]
 
-FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (AggregatedAttention, FullAttention, ConvGLU)
+# GeometryTables looks up the size-dependent tables of a stage: sizes are known only when the graph runs.
+FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (AggregatedAttention, FullAttention, ConvGLU, GeometryTables)
 
 
 def fx_tracer_kwargs() -> dict[str, Any]:

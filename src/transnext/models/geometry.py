@@ -8,14 +8,17 @@ length scales of Aggregated Attention are float32 logarithms (docs/model.md sect
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["AxisTable", "CpbTable", "StageGeometry", "build_cpb_table", "local_window_tables"]
+__all__ = [
+    "AxisTable", "CpbTable", "GeometryTables", "ResolutionPlan", "StageGeometry", "build_cpb_table", "local_window_tables",
+]
 
 Size = tuple[int, int]
 
@@ -172,3 +175,178 @@ class StageGeometry:
                 t.x.index.to(device),
             )
         return self._cache[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolution plan: every size rule of the model in one frozen object.
+
+POS_BIAS_MODES = ("extrapolate", "interpolate")
+
+
+def _stage_scale(stage: int) -> int:
+    return 2 ** (stage + 2)
+
+
+@dataclass(frozen=True)
+class ResolutionPlan:
+    """How a TransNeXt maps an input size to its stage grids and tables (docs/model.md section 5).
+
+    ``img_size``: the grid of the position bias in ``interpolate`` mode (and the default input
+    size); ``pretrain_size``: the size bias coordinates are normalised by; ``pos_bias``:
+    ``extrapolate`` or ``interpolate``; ``fixed_pool_size``: linear mode (P x P pooled keys);
+    ``sr_ratios`` / ``windows``: per stage (sr 1 = full attention). Validated on construction, so
+    a plan that exists is one the model can run; :meth:`replace` builds a new validated plan.
+    """
+
+    img_size: Size
+    pretrain_size: Size
+    pos_bias: str
+    fixed_pool_size: int | None
+    sr_ratios: tuple[int, ...]
+    windows: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        if self.pos_bias not in POS_BIAS_MODES:
+            raise ValueError(f"pos_bias must be one of {POS_BIAS_MODES}, got {self.pos_bias!r}")
+        fixed = self.fixed_pool_size
+        if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1):
+            raise ValueError(f"fixed_pool_size must be a positive int or None, got {fixed!r}")
+        for i in range(len(self.sr_ratios)):
+            grid = tuple(s // _stage_scale(i) for s in self.pretrain_size)
+            if min(grid) < 2:
+                raise ValueError(
+                    f"pretrain_size {self.pretrain_size} gives a {grid} grid at stage {i + 1}; the position "
+                    "bias needs at least 2 per axis (pretrain_size >= 64)"
+                )
+
+    def replace(self, **changes) -> ResolutionPlan:
+        """A new plan with ``changes`` applied, validated like a new one."""
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+    def stage_grids(self, size: Size) -> list[Size]:
+        """Feature-map size of each stage for an input of ``size`` = (H, W) (Conv2d arithmetic)."""
+        h, w = size
+        grids = []
+        for i in range(len(self.sr_ratios)):
+            k, s = (7, 4) if i == 0 else (3, 2)
+            h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+            grids.append((h, w))
+        return grids
+
+    def pool_grid(self, stage: int, grid: Size) -> Size | None:
+        """Pooled key grid of a stage (None for full attention)."""
+        sr = self.sr_ratios[stage]
+        if sr == 1:
+            return None
+        if self.fixed_pool_size is not None:
+            return (self.fixed_pool_size, self.fixed_pool_size)
+        return (grid[0] // sr, grid[1] // sr)
+
+    def problem(self, size: Size) -> tuple[str, bool] | None:
+        """Why an input of ``size`` cannot run, and whether a larger input would: None when it can."""
+        H, W = size
+        for i, grid in enumerate(self.stage_grids((H, W))):
+            if min(grid) < 1:
+                return f"input {H}x{W} is too small: stage {i + 1} would have an empty feature map", True
+            sr = self.sr_ratios[i]
+            if sr == 1:
+                continue
+            if self.fixed_pool_size is not None:
+                if self.fixed_pool_size > min(grid):
+                    return (f"fixed_pool_size={self.fixed_pool_size} is larger than the stage {i + 1} feature map "
+                            f"{grid[0]}x{grid[1]} (input {H}x{W}); use fixed_pool_size <= {min(grid)} or a larger input"), False
+            elif min(grid) < sr:
+                return (f"input {H}x{W} is too small: stage {i + 1} feature map {grid[0]}x{grid[1]} is smaller than its "
+                        f"sr_ratio {sr}, so the pooled key grid would be empty"), True
+        return None
+
+    @functools.cached_property
+    def min_input_size(self) -> int:
+        """Smallest square input every stage accepts (computed once per plan)."""
+        for s in range(1, 8193):
+            if self.problem((s, s)) is None:
+                return s
+        raise ValueError(f"no input size up to 8192 fits {self}")
+
+    def check(self, size: Size) -> None:
+        """Raise ValueError with the reason (and the minimum size) if an input of ``size`` cannot run."""
+        found = self.problem(size)
+        if found is None:
+            return
+        message, too_small = found
+        if too_small:
+            m = self.min_input_size
+            message += f"; the minimum input is {m}x{m}"
+        raise ValueError(message)
+
+    def build(self, stage: int, grid: Size) -> StageGeometry:
+        """All tables of ``stage`` at feature-map ``grid``."""
+        pool = self.pool_grid(stage, grid)
+        scale = _stage_scale(stage)
+        pretrain = (self.pretrain_size[0] // scale, self.pretrain_size[1] // scale)
+        interpolate = self.pos_bias == "interpolate"
+        if interpolate:
+            query = (self.img_size[0] // scale, self.img_size[1] // scale)
+            if pool is None:
+                key = query
+            elif self.fixed_pool_size is not None:
+                key = pool
+            else:
+                key = (query[0] // self.sr_ratios[stage], query[1] // self.sr_ratios[stage])
+            if min(key) < 1:
+                raise ValueError(f"img_size {self.img_size} is too small for the interpolated bias of stage {stage + 1}")
+        else:
+            query, key = grid, pool if pool is not None else grid
+        return StageGeometry(
+            size=grid,
+            pool=pool,
+            window=(self.windows[stage] or 3) if pool is not None else None,
+            cpb=build_cpb_table(query, key, pretrain),
+            interpolate=interpolate,
+            float32_full_scale=interpolate,  # the reference dense backbone rounds ln(N) to float32
+        )
+
+
+class GeometryTables(nn.Module):
+    """The model's :class:`ResolutionPlan` and its per-size table cache, as a parameter-free module.
+
+    Being a module lets FX symbolic tracing keep the table lookup as one call (a leaf module:
+    the sizes are only known when the traced graph runs).
+    """
+
+    MAX_CACHED = 32  # (stage, grid) entries; bounded so many sizes in one process stay cheap
+
+    def __init__(self, plan: ResolutionPlan) -> None:
+        super().__init__()
+        self._plan = plan
+        self._cache: dict = {}
+
+    @property
+    def plan(self) -> ResolutionPlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: ResolutionPlan) -> None:
+        self._plan = plan
+        self._cache.clear()
+
+    @torch.compiler.disable
+    def _build(self, stage: int, grid: Size) -> StageGeometry:
+        return self._plan.build(stage, grid)
+
+    def forward(self, stage: int, H: int, W: int) -> StageGeometry:
+        # Plain ints: under tracing (TorchScript-based ONNX export) sizes can arrive as 0-dim
+        # tensors, which would miss the cache and trace the table construction into the graph.
+        key = (stage, int(H), int(W))
+        geom = self._cache.get(key)
+        if geom is None:
+            if len(self._cache) >= self.MAX_CACHED:
+                self._cache.clear()
+            geom = self._cache[key] = self._build(stage, (int(H), int(W)))
+        return geom
+
+    def extra_repr(self) -> str:
+        p = self._plan
+        return f"pos_bias={p.pos_bias!r}, img_size={p.img_size}, pretrain_size={p.pretrain_size}, fixed_pool_size={p.fixed_pool_size}"

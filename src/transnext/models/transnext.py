@@ -24,13 +24,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .geometry import StageGeometry, build_cpb_table
+from .geometry import GeometryTables, ResolutionPlan, StageGeometry
 from .position_bias import BlockwiseBias, SeparableBias, gather_bias
 
 __all__ = ["TransNeXt", "AggregatedAttention", "FullAttention", "ConvGLU", "Block", "PatchEmbed"]
 
 PosBias = Literal["extrapolate", "interpolate"]
-POS_BIAS_MODES = ("extrapolate", "interpolate")
 Size = tuple[int, int]
 
 
@@ -396,6 +395,17 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 
 
+class StageOutput(nn.Module):
+    """A stage's normed tokens (B, H*W, C) as its NCHW feature map (a view).
+
+    Parameter-free; a module so that feature extraction by module name (timm's ``feature_info``,
+    FX) returns the maps.
+    """
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+
 class TransNeXt(nn.Module):
     """TransNeXt backbone and classifier; accepts any input size at run time.
 
@@ -431,34 +441,24 @@ class TransNeXt(nn.Module):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        if pos_bias not in POS_BIAS_MODES:
-            raise ValueError(f"pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        if fixed_pool_size is not None and (not isinstance(fixed_pool_size, int) or fixed_pool_size < 1):
-            raise ValueError(f"fixed_pool_size must be a positive int or None, got {fixed_pool_size!r}")
         if attn_backend is not None:
             ops.resolve_backend(attn_backend, "cpu")  # validate the name early
         self.num_stages = len(depths)
-        self.img_size = _pair(img_size)
-        self.pretrain_size = _pair(pretrain_size) if pretrain_size is not None else self.img_size
+        img = _pair(img_size)
+        self.geometry = GeometryTables(ResolutionPlan(
+            img_size=img, pretrain_size=_pair(pretrain_size) if pretrain_size is not None else img, pos_bias=pos_bias,
+            fixed_pool_size=fixed_pool_size, sr_ratios=tuple(sr_ratios), windows=tuple(window_size),
+        ))
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dims = tuple(embed_dims)
         self.sr_ratios = tuple(sr_ratios)
         self.window_size = tuple(window_size)
-        self.pos_bias = pos_bias
-        self.fixed_pool_size = fixed_pool_size
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
         self.grad_checkpointing = False
-        for i in range(self.num_stages):
-            grid = (self.pretrain_size[0] // 2 ** (i + 2), self.pretrain_size[1] // 2 ** (i + 2))
-            if min(grid) < 2:
-                raise ValueError(
-                    f"pretrain_size {self.pretrain_size} gives a {grid} grid at stage {i + 1}; the position "
-                    "bias needs at least 2 per axis (pretrain_size >= 64)"
-                )
 
         total = sum(depths)
         # Plain arithmetic (not torch.linspace) so the constructor also runs on the meta device.
@@ -482,13 +482,13 @@ class TransNeXt(nn.Module):
             setattr(self, f"patch_embed{i + 1}", embed)
             setattr(self, f"block{i + 1}", blocks)
             setattr(self, f"norm{i + 1}", nn.LayerNorm(self.embed_dims[i], eps=1e-6))
+            setattr(self, f"out{i + 1}", StageOutput())
             cur += depths[i]
             self.feature_info.append(
-                dict(num_chs=self.embed_dims[i], reduction=2 ** (i + 2), module=f"norm{i + 1}")
+                dict(num_chs=self.embed_dims[i], reduction=2 ** (i + 2), module=f"out{i + 1}")
             )
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self._geometry_cache: dict = {}
         self.apply(self._init_weights)
 
     # ------------------------------------------------------------------ initialisation
@@ -508,110 +508,55 @@ class TransNeXt(nn.Module):
             nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ sizes and tables
+    # Every size rule lives in the ResolutionPlan (models/geometry.py); these delegate to it.
+    @property
+    def plan(self) -> ResolutionPlan:
+        return self.geometry.plan
+
+    @property
+    def img_size(self) -> Size:
+        return self.geometry.plan.img_size
+
+    @property
+    def pretrain_size(self) -> Size:
+        return self.geometry.plan.pretrain_size
+
+    @property
+    def pos_bias(self) -> str:
+        return self.geometry.plan.pos_bias
+
+    @property
+    def fixed_pool_size(self) -> int | None:
+        return self.geometry.plan.fixed_pool_size
+
     def stage_grids(self, size: Size) -> list[Size]:
         """Feature-map size of each stage for an input of ``size`` = (H, W)."""
-        h, w = size
-        grids = []
-        for i in range(self.num_stages):
-            k, s = (7, 4) if i == 0 else (3, 2)
-            h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
-            grids.append((h, w))
-        return grids
-
-    def _pool_grid(self, stage: int, grid: Size) -> Size | None:
-        sr = self.sr_ratios[stage]
-        if sr == 1:
-            return None
-        if self.fixed_pool_size is not None:
-            return (self.fixed_pool_size, self.fixed_pool_size)
-        return (grid[0] // sr, grid[1] // sr)
+        return self.geometry.plan.stage_grids(size)
 
     def min_input_size(self) -> int:
         """Smallest square input every stage accepts."""
-        for s in range(1, 4097):
-            try:
-                self.check_input_size((s, s), _hint=False)
-                return s
-            except ValueError:
-                continue
-        raise RuntimeError("no valid input size below 4096")  # unreachable for real configs
+        return self.geometry.plan.min_input_size
 
-    def check_input_size(self, size: Size, _hint: bool = True) -> None:
+    def check_input_size(self, size: Size) -> None:
         """Raise ValueError with the reason if an input of ``size`` cannot run."""
-        H, W = size
-        for i, grid in enumerate(self.stage_grids((H, W))):
-            if min(grid) < 1:
-                raise ValueError(f"input {H}x{W} is too small: stage {i + 1} would have an empty feature map")
-            sr = self.sr_ratios[i]
-            if sr == 1:
-                continue
-            if self.fixed_pool_size is not None:
-                if self.fixed_pool_size > min(grid):
-                    raise ValueError(
-                        f"fixed_pool_size={self.fixed_pool_size} is larger than the stage {i + 1} feature map "
-                        f"{grid[0]}x{grid[1]} (input {H}x{W}); use fixed_pool_size <= {min(grid)} or a larger input"
-                    )
-            elif min(grid) < sr:
-                # (no hint while min_input_size() probes sizes: it calls this method)
-                hint = f"; the minimum input is {self.min_input_size()}x{self.min_input_size()}" if _hint else ""
-                raise ValueError(
-                    f"input {H}x{W} is too small: stage {i + 1} feature map {grid[0]}x{grid[1]} is smaller than "
-                    f"its sr_ratio {sr}, so the pooled key grid would be empty{hint}"
-                )
-
-    @torch.compiler.disable
-    def _build_geometry(self, stage: int, grid: Size) -> StageGeometry:
-        pool = self._pool_grid(stage, grid)
-        scale = 2 ** (stage + 2)
-        pretrain = (self.pretrain_size[0] // scale, self.pretrain_size[1] // scale)
-        interpolate = self.pos_bias == "interpolate"
-        if interpolate:
-            query = (self.img_size[0] // scale, self.img_size[1] // scale)
-            if pool is None:
-                key = query
-            elif self.fixed_pool_size is not None:
-                key = pool
-            else:
-                key = (query[0] // self.sr_ratios[stage], query[1] // self.sr_ratios[stage])
-            if min(key) < 1:
-                raise ValueError(f"img_size {self.img_size} is too small for the interpolated bias of stage {stage + 1}")
-        else:
-            query, key = grid, pool if pool is not None else grid
-        return StageGeometry(
-            size=grid,
-            pool=pool,
-            window=(self.window_size[stage] or 3) if pool is not None else None,
-            cpb=build_cpb_table(query, key, pretrain),
-            interpolate=interpolate,
-            float32_full_scale=interpolate,  # the reference dense backbone rounds ln(N) to float32
-        )
+        self.geometry.plan.check(tuple(size))
 
     def stage_geometry(self, stage: int, grid: Size) -> StageGeometry:
-        # Plain ints: under tracing (TorchScript-based ONNX export) sizes can arrive as 0-dim
-        # tensors, which would miss the cache and trace the table construction into the graph.
-        grid = (int(grid[0]), int(grid[1]))
-        # Everything the tables depend on is in the key, so changing a mode attribute never
-        # serves a stale table.
-        key = (stage, grid, self.pos_bias, self.fixed_pool_size, self.img_size, self.pretrain_size)
-        geom = self._geometry_cache.get(key)
-        if geom is None:
-            if len(self._geometry_cache) >= 32:  # bounded: many sizes in one process stay cheap
-                self._geometry_cache.clear()
-            geom = self._geometry_cache[key] = self._build_geometry(stage, grid)
-        return geom
+        return self.geometry(stage, grid[0], grid[1])
 
     def set_pos_bias(self, pos_bias: PosBias | None = None, fixed_pool_size: int | None | str = "keep") -> None:
-        """Switch position-bias mode and/or linear mode in place (weights are unaffected)."""
+        """Switch position-bias mode and/or linear mode in place (weights are unaffected); validated."""
+        changes: dict = {}
         if pos_bias is not None:
-            if pos_bias not in POS_BIAS_MODES:
-                raise ValueError(f"pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
-            self.pos_bias = pos_bias
+            changes["pos_bias"] = pos_bias
         if fixed_pool_size != "keep":
-            self.fixed_pool_size = fixed_pool_size
-        self._geometry_cache.clear()
+            changes["fixed_pool_size"] = fixed_pool_size
+        self.geometry.plan = self.geometry.plan.replace(**changes)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: Tensor) -> None:
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            return  # FX traces with proxies: sizes are checked when the traced graph runs
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
         if x.ndim != 4:
@@ -631,31 +576,27 @@ class TransNeXt(nn.Module):
 
     def _run_stage(self, i: int, x: Tensor) -> tuple[Tensor, int, int]:
         x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
-        geom = self.stage_geometry(i, (H, W))
+        geom = self.geometry(i, H, W)
         for blk in getattr(self, f"block{i + 1}"):
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, H, W, geom, use_reentrant=False)
             else:
                 x = blk(x, H, W, geom)
         x = getattr(self, f"norm{i + 1}")(x)
-        return x, H, W
-
-    @staticmethod
-    def _to_map(x: Tensor, H: int, W: int) -> Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+        return getattr(self, f"out{i + 1}")(x, H, W), H, W
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Normed last-stage tokens (B, N, C)."""
+        """Normed last-stage feature map (B, C, H/32, W/32), unpooled (timm's convention)."""
         self._check_input(x)
         for i in range(self.num_stages):
-            x, H, W = self._run_stage(i, x)
-            if i != self.num_stages - 1:
-                x = self._to_map(x, H, W)
+            x, _, _ = self._run_stage(i, x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool (``global_pool='avg'``) and classify a feature map (B, C, H, W) or tokens (B, N, C)."""
         if self.global_pool == "avg":
-            x = x.mean(dim=1)
+            tokens = not torch.fx._symbolic_trace.is_fx_tracing() and x.ndim == 3
+            x = x.mean(dim=1) if tokens else x.mean(dim=(2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -684,12 +625,9 @@ class TransNeXt(nn.Module):
         intermediates = []
         last = max(take) if (stop_early or intermediates_only) else self.num_stages - 1
         for i in range(last + 1):
-            x, H, W = self._run_stage(i, x)
+            x, _, _ = self._run_stage(i, x)
             if i in take:
-                fmap = self._to_map(x, H, W)
-                intermediates.append(fmap if output_fmt == "NCHW" else fmap.permute(0, 2, 3, 1))
-            if i != self.num_stages - 1:
-                x = self._to_map(x, H, W)
+                intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -716,7 +654,7 @@ class TransNeXt(nn.Module):
         """Drop the stages after the last needed one (and the head); returns the kept indices."""
         take = self._stage_indices(indices)
         for i in range(max(take) + 1, self.num_stages):
-            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}", f"out{i + 1}"):
                 delattr(self, name)
         self.num_stages = max(take) + 1
         self.feature_info = self.feature_info[: self.num_stages]

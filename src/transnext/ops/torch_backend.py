@@ -273,6 +273,14 @@ def _functional(
     return out.reshape(B, h, N, d)
 
 
+def _exporting() -> bool:
+    """torch.export / ONNX export: the graph must hold standard ops only (no transnext custom op)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    onnx = getattr(torch, "onnx", None)
+    in_onnx = bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+    return bool(is_exporting is not None and is_exporting()) or in_onnx
+
+
 # Whole (B, h, Np + w*w, N) logits are kept up to this size (small grids and batches: one pass
 # over everything); past it, or when the bias comes as factors, queries go in blocks of rows.
 WHOLE_LOGITS_BYTES = 32 << 20
@@ -298,7 +306,7 @@ def aggregated_attention(
     training: bool = False,
 ) -> Tensor:
     p_drop = attn_drop if training else 0.0
-    if p_drop == 0.0 and torch.compiler.is_compiling():
+    if p_drop == 0.0 and torch.compiler.is_compiling() and not _exporting():
         # The compiler keeps the blocked kernels as one registered custom op.
         return compiled_aggregated_attention(
             q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
