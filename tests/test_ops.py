@@ -104,6 +104,21 @@ def test_aggregated_attention_float64_outputs_and_gradients(backend, case) -> No
         assert_close(grads[name], ref_grads[name], f"grad of {name}")
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
+def test_triton_with_cuda_block_sizes_7x11(monkeypatch) -> None:
+    """The kernels at the query block size used on CUDA (not only the interpreter's smaller one)."""
+    triton_backend = importlib.import_module("transnext.ops.triton_backend")
+    monkeypatch.setattr(triton_backend, "INTERPRETER_BLOCK_N", triton_backend.CUDA_BLOCK_N)
+    B, h, size, d, pool = CASES[0]
+    t, extra = aa_inputs(B, h, size, d, pool)
+    g = torch.randn(B, h, size[0] * size[1], d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_out, ref_grads = run_aa("reference", t, extra, g)
+    out, grads = run_aa("triton", t, extra, g)
+    assert_close(out, ref_out, "output")
+    for name in AA_INPUTS:
+        assert_close(grads[name], ref_grads[name], f"grad of {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_aggregated_attention_head_major_inputs_and_window_5(backend) -> None:
     """Layout independence (contiguous (B, h, N, d) inputs) and a larger window."""
