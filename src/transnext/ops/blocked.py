@@ -5,9 +5,10 @@ at 800 x 1344), so whole (B, h, N, Np) logits, probabilities and position bias a
 layer. Here the queries are processed a block of grid rows at a time, sized so the block's
 logits stay cache-resident (``BLOCK_ELEMENTS``):
 
-1. the block's pooled-key bias is produced from the layer's :class:`SeparableBias` factors,
-2. pooled logits are added by one batched matmul, local-window logits beside them,
-3. one softmax over [pooled | local] with the reduction over the innermost axis,
+1. q.k of the pooled keys by one batched matmul into a contiguous buffer,
+2. the block's bias, gathered from the layer's :class:`SeparableBias` factors, added on the way
+   into the [pooled | local] logits; the local-window logits beside them,
+3. one softmax with the reduction over the innermost axis,
 4. aggregation of pooled values (one matmul) and of the window values (w*w shifted views).
 
 Training saves only the normalised inputs (O(N * d)); backward recomputes each block's logits and
@@ -29,9 +30,9 @@ from .bias import SeparableBias, rows_from_table, table_grad_from_rows
 __all__ = ["BLOCK_ELEMENTS", "blocked_aggregated_attention", "block_rows"]
 
 # Logits of one block: B * h * rows * W * (Np + w*w) floats. 2^20 floats (4 MiB in float32) keeps
-# the logits, their softmax and the matmuls that read them in the L2/L3 caches of a CPU core
-# pair while each matmul still has hundreds of rows; measured on a 2-core Zen 3: the pooled-key
-# matmul runs at ~80 GFLOP/s below this size and ~30 GFLOP/s at 4x it.
+# a block's buffers in the L2/L3 caches of a CPU core pair while each matmul still has hundreds
+# of rows (on a 2-core Zen 3, blocks of 2^19 to 2^21 values ran within 5% of each other at
+# 800 x 1344; the whole-tensor layout, by contrast, streams gigabytes through memory).
 BLOCK_ELEMENTS = 1 << 20
 
 
