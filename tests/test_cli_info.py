@@ -91,3 +91,25 @@ def test_convert_bad_input_file(tmp_path: Path, capsys, content: bytes) -> None:
     assert "transnext convert: error:" in err and "bad.pth" in err
     assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_debug() -> None:
+    """``--debug`` (tracebacks instead of one-line errors) is accepted by every subcommand."""
+    import argparse
+
+    from transnext.cli.main import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    missing = [name for name, p in sub.choices.items() if "--debug" not in p._option_string_actions]
+    assert missing == []
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
+    # without --debug: one line and exit status 1; with it: the exception itself
+    assert main(["info", "transnext_smal"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown model 'transnext_smal'"):
+        main(["info", "transnext_smal", "--debug"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"), "--debug"])
