@@ -193,7 +193,7 @@ def test_cli_eval_bad_checkpoints(tiny_ckpt, tmp_path):
     data = str(tiny_ckpt / "data")
     (tmp_path / "junk.pth").write_bytes(b"\x00junk" * 50)
     r = run_cli("eval", data, "--checkpoint", str(tmp_path / "junk.pth"))
-    assert r.returncode == 1 and "not a readable checkpoint" in r.stderr
+    assert r.returncode == 1 and "not a readable PyTorch checkpoint" in r.stderr
     r = run_cli("eval", data, "--checkpoint", str(tmp_path / "missing.pth"))
     assert r.returncode == 1 and "not found" in r.stderr
     from transnext.checkpoints import load_state_dict, save_state_dict
