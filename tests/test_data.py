@@ -204,3 +204,22 @@ def test_train_transform_recipe():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_train_transform(32, auto_augment=None, re_prob=0.0)
+
+
+def test_one_source_for_constants():
+    """Normalisation, the evaluation crop rule and the stochastic-depth rates live in the registry only."""
+    import transnext.data.transforms as transforms
+    from transnext.engine import PRESETS, TrainConfig
+    from transnext.models import DROP_PATH_RATES, WEIGHTS, registry
+
+    assert transforms.eval_crop is registry.eval_crop
+    assert [registry.eval_crop(s) for s in (224, 256, 383, 384, 512)] == [
+        (0.875, "center"), (0.875, "center"), (0.875, "center"), (1.0, "squash"), (1.0, "squash")]
+    assert registry.eval_crop(384, 0.9) == (0.9, "center")
+    for w in WEIGHTS.values():  # the published records follow the same rule
+        assert (w.crop_pct, w.crop_mode) == registry.eval_crop(w.img_size)
+    cfg = TrainConfig(data_dir="x")
+    assert cfg.mean == transforms.IMAGENET_MEAN == registry.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+    assert cfg.std == transforms.IMAGENET_STD == registry.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert {k: PRESETS[k]["drop_path"] for k in ("micro", "tiny", "small", "base", "micro_aaaa")} == {
+        k.removeprefix("transnext_"): v for k, v in DROP_PATH_RATES.items()}

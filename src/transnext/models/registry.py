@@ -13,10 +13,22 @@ from typing import Any
 
 from .transnext import TransNeXt
 
-__all__ = ["VARIANTS", "WEIGHTS", "Weights", "create_model", "get_weights", "list_models", "list_pretrained"]
+__all__ = ["VARIANTS", "WEIGHTS", "Weights", "create_model", "eval_crop", "get_weights", "list_models", "list_pretrained"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Published evaluation crop: below 384 px resize the short side to size / 0.875 and centre-crop;
+# at 384 px and above resize straight to size x size ("squash").
+DEFAULT_CROP_PCT = 0.875
+SQUASH_FROM_SIZE = 384
+
+
+def eval_crop(img_size: int, crop_pct: float | None = None) -> tuple[float, str]:
+    """``(crop_pct, crop_mode)`` of the published evaluation rule at ``img_size`` (or a given ``crop_pct``)."""
+    if crop_pct is None:
+        return (1.0, "squash") if img_size >= SQUASH_FROM_SIZE else (DEFAULT_CROP_PCT, "center")
+    return crop_pct, "center"
 
 _COMMON = dict(mlp_ratios=(8, 8, 4, 4), qkv_bias=True)
 
@@ -63,7 +75,7 @@ class Weights:
     top1: float
     params_m: float
     gflops: float
-    crop_pct: float = 0.875
+    crop_pct: float = DEFAULT_CROP_PCT
     crop_mode: str = "center"
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -114,8 +126,8 @@ class Weights:
 
 def _w(variant: str, tag: str, hub: str, fname: str, size: int, pre: int, top1: float, params: float,
        gflops: float, **kw: Any) -> Weights:
-    crop = dict(crop_pct=1.0, crop_mode="squash") if size >= 384 else {}
-    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, top1, params, gflops, **crop, **kw)
+    crop_pct, crop_mode = eval_crop(size)
+    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, top1, params, gflops, crop_pct, crop_mode, **kw)
 
 
 def _robust(a: float, r: float, sketch: float, v2: float, c: float) -> dict[str, float]:
