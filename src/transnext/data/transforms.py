@@ -8,7 +8,7 @@ from typing import Any
 # One source for the normalisation constants and the evaluation crop rule: the weights registry.
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, eval_crop
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_eval_transform", "build_train_transform", "eval_crop"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_eval_transform", "build_train_transform", "eval_crop", "imagenet_c_transform"]
 
 
 def build_train_transform(
@@ -48,3 +48,13 @@ def build_eval_transform(
         input_size=img_size, is_training=False, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
         crop_pct=pct, crop_mode=crop_mode or mode,
     )
+
+
+def imagenet_c_transform(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, size: int = 224
+) -> Callable[[Any], Any]:
+    """ImageNet-C's evaluation protocol: its images are already 224 x 224, so centre-crop to ``size``
+    (a no-op on them) and normalise, without the resize of the ImageNet transform."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.CenterCrop(size), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
