@@ -121,3 +121,24 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
         main(["info", "transnext_smal", "--debug"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"), "--debug"])
+
+
+def test_distribution_name_is_not_the_unrelated_transnext() -> None:
+    """pyproject, the version lookup and the install instructions use the same distribution name."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    repo = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    assert project["name"] == transnext.DIST_NAME == "transnext-pytorch"
+    assert any(dep.startswith("transnext-pytorch[") for dep in project["optional-dependencies"]["dev"])
+    assert project["scripts"]["transnext"] == "transnext.cli.main:main"  # the command and import name stay
+    readme = (repo / "README.md").read_text()
+    assert "pip install transnext-pytorch" in readme and "pip install -e ." in readme
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        assert transnext.__version__ == version("transnext-pytorch")
+    except PackageNotFoundError:  # a source tree on the path, not installed under that name
+        assert transnext.__version__ == "0+unknown"

@@ -348,7 +348,7 @@ def download_weights(weights: Weights, cache_dir: str | os.PathLike | None = Non
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "pretrained=True needs huggingface_hub: pip install 'transnext[hub]' "
+            "pretrained=True needs huggingface_hub: pip install 'transnext-pytorch[hub]' "
             f"(or download {weights.url} yourself and pass checkpoint_path=)"
         ) from e
     try:
