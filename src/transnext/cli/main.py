@@ -26,14 +26,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .. import DIST_NAME, __version__
 
     parser = argparse.ArgumentParser(prog="transnext", description="TransNeXt models: train, evaluate, predict, benchmark.")
-    parser.add_argument("--version", action="version", version=f"transnext {__version__}")
+    parser.add_argument("--version", action="version", version=f"transnext {__version__} ({DIST_NAME})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        # one flag for every subcommand, so no module can forget it
+        p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
         try:
             mod = importlib.import_module(f"transnext.cli.{module}")
         except ModuleNotFoundError as e:
@@ -60,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
-        # Expected user errors get one clear line, not a traceback.
-        if getattr(args, "debug", False):
+    except (ValueError, OSError, RuntimeError, TypeError, ImportError) as e:
+        # Expected user errors get one clear line, not a traceback (--debug shows it).
+        if args.debug:
             raise
         print(f"transnext {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -52,7 +52,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     if path.endswith(".safetensors"):
         head = load_state_dict(path).get("head.weight")
         return {"head_classes": int(head.shape[0])} if head is not None else {}
-    from .state import safe_torch_load
+    from ..checkpoints import safe_torch_load
 
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
@@ -92,28 +92,12 @@ def model_from_checkpoint(
     return m, info
 
 
-def _size_problem(model: Any, size: int) -> str | None:
-    """Why a size x size input cannot run through ``model`` (None when it can)."""
-    fixed = getattr(model, "fixed_pool_size", None)
-    for i, grid in enumerate(model.stage_grids((size, size))):
-        g = min(grid)
-        sr = model.sr_ratios[i]
-        if g < 1:
-            return f"stage {i + 1} would have an empty feature map"
-        if sr == 1:
-            continue
-        if fixed is not None and fixed > g:
-            return f"fixed_pool_size={fixed} is larger than the stage {i + 1} feature map {grid[0]}x{grid[1]}"
-        if fixed is None and g < sr:
-            return f"the stage {i + 1} feature map {grid[0]}x{grid[1]} is smaller than its sr_ratio {sr} (empty pooled key grid)"
-    return None
-
-
 def check_image_size(model: Any, size: int, flag: str = "--img-size") -> None:
-    """Raise a ValueError naming the smallest usable size when ``size`` is too small for ``model``."""
-    problem = _size_problem(model, size)
-    if problem is None:
-        return
-    smallest = next((s for s in range(1, 8193) if _size_problem(model, s) is None), None)
-    hint = f"; the minimum input is {smallest}x{smallest}" if smallest else ""
-    raise ValueError(f"{flag} {size}: input {size}x{size} is too small: {problem}{hint}")
+    """Raise a ValueError naming ``flag`` (and the smallest usable size) when ``size`` cannot run.
+
+    The rule itself is the model's resolution plan (:class:`transnext.models.geometry.ResolutionPlan`).
+    """
+    try:
+        model.check_input_size((size, size))
+    except ValueError as e:
+        raise ValueError(f"{flag} {size}: {e}") from None
