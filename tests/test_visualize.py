@@ -276,7 +276,7 @@ def test_cli_erf_two_models_one_figure(tmp_path, capsys):
 def test_without_the_extra_the_command_names_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert main(["visualize", "erf"]) == 1
-    assert "pip install 'transnext[visualize]'" in capsys.readouterr().err
+    assert "pip install 'transnext-pytorch[visualize]'" in capsys.readouterr().err
 
 
 def test_cli_cam(tmp_path, capsys):

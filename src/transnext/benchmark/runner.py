@@ -133,7 +133,7 @@ def check_peers(peers: list[str]) -> None:
     try:
         import timm
     except ImportError as e:  # a RuntimeError: the command line reports it in one line
-        raise RuntimeError("--peers needs timm: pip install 'transnext[timm]'") from e
+        raise RuntimeError("--peers needs timm: pip install 'transnext-pytorch[timm]'") from e
     unknown = [p for p in peers if not timm.is_model(p)]
     if unknown:
         raise ValueError(f"unknown timm model(s): {', '.join(unknown)} (timm.list_models('*pattern*') lists the names)")

@@ -41,7 +41,7 @@ def _pick_exporter(exporter: str) -> str:
     if exporter == "auto":
         return "dynamo" if has_onnxscript else "torchscript"
     if exporter == "dynamo" and not has_onnxscript:
-        raise ImportError("the dynamo ONNX exporter needs onnxscript: pip install 'transnext[onnx]'")
+        raise ImportError("the dynamo ONNX exporter needs onnxscript: pip install 'transnext-pytorch[onnx]'")
     return exporter
 
 
@@ -64,7 +64,7 @@ def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
     try:
         import onnxruntime as ort
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("checking an export needs onnxruntime: pip install 'transnext[onnx]'") from e
+        raise ImportError("checking an export needs onnxruntime: pip install 'transnext-pytorch[onnx]'") from e
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
     return torch.from_numpy(out)

@@ -38,7 +38,7 @@ def _smp():
     try:
         import segmentation_models_pytorch as smp
     except ImportError as e:
-        raise ImportError("this needs segmentation_models_pytorch: pip install 'transnext[dense]'") from e
+        raise ImportError("this needs segmentation_models_pytorch: pip install 'transnext-pytorch[dense]'") from e
     return smp
 
 

@@ -144,7 +144,7 @@ class Weights:
         import importlib.util
 
         if importlib.util.find_spec("timm") is None:
-            raise ImportError("Weights.transforms() builds the transform with timm: pip install 'transnext[timm]'")
+            raise ImportError("Weights.transforms() builds the transform with timm: pip install 'transnext-pytorch[timm]'")
         from ..data.transforms import build_eval_transform
 
         return build_eval_transform(

@@ -27,7 +27,7 @@ def require(module: str, package: str | None = None) -> Any:
     except ImportError as e:
         raise ImportError(
             f"this visualisation needs {package or module}, which is not installed: "
-            f"pip install 'transnext[{EXTRA}]' (the optional '{EXTRA}' extra: matplotlib, grad-cam)"
+            f"pip install 'transnext-pytorch[{EXTRA}]' (the optional '{EXTRA}' extra: matplotlib, grad-cam)"
         ) from e
 
 
