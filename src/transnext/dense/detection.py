@@ -81,6 +81,8 @@ def maskrcnn_transnext(
     frozen_stages: int = -1,
     grad_checkpointing: bool = False,
     backbone_kwargs: dict[str, Any] | None = None,
+    representation_size: int | None = None,
+    mask_layers: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """torchvision ``MaskRCNN`` on TransNeXt + FPN (``num_classes`` includes the background).
@@ -92,14 +94,34 @@ def maskrcnn_transnext(
         preset: backbone settings (:data:`~transnext.dense.DENSE_PRESETS`), default ``mask_rcnn``.
         fpn_channels: FPN width (reference: 256).
         backbone_kwargs: model arguments for the trunk (``drop_path_rate``, ``img_size``, dims ...).
+        representation_size: width of the box head's two-layer MLP (torchvision / reference: 1024).
+        mask_layers: channels of the mask head's 3x3 convs (reference: four of 256).
         **kwargs: torchvision ``MaskRCNN`` arguments; default ``min_size=800, max_size=1333``.
     """
     det = _torchvision_detection()
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
     trunk = build_trunk(variant, backbone_weights, preset, frozen_stages=frozen_stages,
                         grad_checkpointing=grad_checkpointing, **(backbone_kwargs or {}))
     kwargs.setdefault("min_size", 800)
     kwargs.setdefault("max_size", 1333)
-    return det.MaskRCNN(TransNeXtFPN(trunk, fpn_channels), num_classes=num_classes, **kwargs)
+    if representation_size is not None:
+        kwargs["box_head"] = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
+        kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+    if mask_layers is not None:
+        kwargs["mask_head"] = MaskRCNNHeads(fpn_channels, tuple(mask_layers), 1)
+        kwargs["mask_predictor"] = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes)
+    if "box_predictor" in kwargs or "mask_predictor" in kwargs:
+        # torchvision takes the class count from the given predictors; both must then be given.
+        if "box_predictor" not in kwargs:
+            kwargs["box_predictor"] = FastRCNNPredictor(1024 if "box_head" not in kwargs else representation_size or 1024, num_classes)
+        if "mask_predictor" not in kwargs:
+            kwargs["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes)
+        num_classes_arg = None
+    else:
+        num_classes_arg = num_classes
+    return det.MaskRCNN(TransNeXtFPN(trunk, fpn_channels), num_classes=num_classes_arg, **kwargs)
 
 
 def _single_stage_trunk(variant: str, backbone_weights: Any, preset: str | None, fpn_channels: int, frozen_stages: int,
