@@ -290,9 +290,9 @@ def test_non_finite_loss_is_explained(data, tmp_path, monkeypatch):
 def test_sigint_saves_resumable_checkpoint(data, tmp_path):
     out = tmp_path / "int"
     env_flags = train_flags(data_dir=str(data), output=str(out), epochs=2)
-    from train_helpers import cli_env
+    from train_helpers import signal_flag
 
-    r = run_cli("train", *env_flags, env=cli_env(TRANSNEXT_FAULT_SIGINT_AT_STEP="4"))
+    r = run_cli("train", *env_flags, *signal_flag(4, "SIGINT"), subprocess_=True)
     assert r.returncode == 130, r.stderr[-2000:]
     assert "resumable checkpoint saved" in r.stderr and "--resume auto" in r.stderr
     ck = load_training_checkpoint(out / "last.pth")
@@ -311,3 +311,129 @@ def test_torch_compile_run(data, tmp_path):
     assert s["global_step"] == 6
     ck = load_training_checkpoint(tmp_path / "c" / "last.pth")
     assert not any(k.startswith("_orig_mod.") for k in ck["model"])  # the plain module's names are saved
+
+
+# ---------------------------------------------------------------------- the run object, tasks and callbacks
+def test_iteration_based_run_poly_schedule_and_step_evaluation(data, tmp_path):
+    """max_steps ends the run mid-epoch; eval_every_steps evaluates (and may save best.pth) between epoch ends."""
+    out = tmp_path / "it"
+    s = train(cfg_for(data, out, max_steps=9, sched="poly", poly_power=1.0, lr=1e-2, min_lr=0.0, warmup_epochs=0,
+                      eval_every_steps=4))
+    assert s["global_step"] == 9 and s["epochs"] == 2  # 6 steps per epoch
+    rows = read_metrics(out / "metrics.jsonl")
+    lrs = [r["lr"] for r in rows if r["event"] == "step"]
+    assert lrs == pytest.approx([1e-2 * (1 - t / 9) for t in range(9)], rel=1e-9)  # linear decay to 0 over 9 steps
+    evals = [r["global_step"] for r in rows if r["event"] == "eval"]
+    epochs = [(r["global_step"], "val_top1" in r) for r in rows if r["event"] == "epoch"]
+    assert evals == [4, 8] and epochs == [(6, False), (9, True)]
+    ck = load_training_checkpoint(out / "last.pth")
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 3, 9)
+    # resuming a finished iteration-based run does nothing more
+    s = train(cfg_for(data, out, max_steps=9, sched="poly", lr=1e-2, min_lr=0.0, warmup_epochs=0, eval_every_steps=4,
+                      resume="auto"))
+    assert s["global_step"] == 9
+
+
+def test_callbacks_see_the_run_and_can_stop_it(data, tmp_path):
+    from transnext.engine import Callback, TrainingInterrupted
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_step_end(self, run, loss):
+            self.events.append(("step", run.global_step))
+            if run.global_step == 8:
+                run.request_stop()
+
+        def on_evaluate(self, run, metrics):
+            self.events.append(("eval", run.global_step))
+
+        def on_checkpoint(self, run, path, kind):
+            self.events.append((kind, run.global_step))
+
+    rec = Recorder()
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg_for(data, tmp_path / "cb", epochs=2), callbacks=[rec])
+    assert e.value.checkpoint == tmp_path / "cb" / "last.pth"
+    assert rec.events == [("step", i) for i in range(1, 7)] + [("eval", 6), ("last", 6), ("best", 6), ("step", 7),
+                                                                ("step", 8), ("last", 8)]
+    ck = load_training_checkpoint(tmp_path / "cb" / "last.pth")
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 8)
+
+
+def test_a_new_task_needs_no_loop_change(tmp_path):
+    """A regression task (lower loss is better) trained by the same loop: the Task protocol is enough."""
+    from transnext.engine import StepOutput, Task, TaskData
+    from transnext.engine.distributed import reduce_sum
+
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    xs = torch.randn(64, 4, generator=g)
+    pairs = [(x, (x @ w_true.T).squeeze(0)) for x in xs]
+
+    class Regression(Task):
+        name = "regression"
+        best_metric = "mse"
+        higher_is_better = False
+        curve_metrics = ("mse",)
+
+        def build_data(self, cfg, info):
+            return TaskData(train=pairs[:48], val=pairs[48:], val_batch_size=5)
+
+        def build_model(self, cfg, data, init_weights):
+            return torch.nn.Linear(4, 1)
+
+        def train_step(self, model, batch, run):
+            x, y, skipped = batch
+            return StepOutput(torch.nn.functional.mse_loss(model(x).squeeze(1), y), samples=len(x), skipped=skipped,
+                              logs={"abs_err": float((model(x).squeeze(1) - y).abs().mean().detach())})
+
+        def evaluate(self, model, loader, run):
+            model.eval()
+            with torch.no_grad():
+                se, n = 0.0, 0
+                for x, y, _ in loader:
+                    se += float(((model(x).squeeze(1) - y) ** 2).sum())
+                    n += len(y)
+            se, n = reduce_sum([se, float(n)], run.info)
+            return {"mse": se / n, "n": int(n)}
+
+        def checkpoint_extras(self, model):
+            return {"arch": {"kind": "linear", "in": 4}}
+
+    cfg = TrainConfig(dataset="folder", data_dir="unused", model="linear", batch_size=8, total_batch_size=None, epochs=6,
+                      lr=0.5, warmup_epochs=0, min_lr=0.0, weight_decay=0.0, clip_grad=None, amp="none", num_workers=0,
+                      progress=False, output=str(tmp_path / "reg"), log_every=1)
+    s = train(cfg, task=Regression())
+    rows = read_metrics(tmp_path / "reg" / "metrics.jsonl")
+    mses = [r["val_mse"] for r in rows if r["event"] == "epoch"]
+    assert len(mses) == 6 and mses[-1] < mses[0] / 4 and all("abs_err" in r for r in rows if r["event"] == "step")
+    assert s["best_metric"] == "mse" and s["best_metrics"]["mse"] == min(mses)
+    best = load_training_checkpoint(tmp_path / "reg" / "best.pth")
+    assert best["arch"] == {"kind": "linear", "in": 4} and best["task"] == "regression"
+    assert best["metrics"]["mse"] == min(mses) and (tmp_path / "reg" / "curves.png").is_file()
+
+
+def test_one_amp_rule():
+    from transnext.engine.amp import resolve_amp
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [resolve_amp(a, cpu) for a in (None, "auto", "bf16", "none")] == ["none", "bf16", "bf16", "none"]
+    assert [resolve_amp(a, cuda) for a in (None, "auto", "fp16", "bf16")] == ["fp16", "fp16", "fp16", "bf16"]
+    with pytest.raises(ValueError, match="--amp fp16 needs CUDA"):
+        resolve_amp("fp16", cpu)
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        resolve_amp("fp8", cpu)
+
+
+def test_callback_spec_errors():
+    from transnext.engine.trainer import load_callback
+
+    assert type(load_callback('train_helpers:SignalAtStep:{"step": 3}')).__name__ == "SignalAtStep"
+    with pytest.raises(ValueError, match="expected MODULE:NAME"):
+        load_callback("nomodule")
+    with pytest.raises(ValueError, match="cannot import Nope from train_helpers"):
+        load_callback("train_helpers:Nope")
+    with pytest.raises(ValueError, match="not a transnext Callback"):
+        load_callback("train_helpers:cli_env")

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from train_helpers import cli_env, make_image_folder, run_cli, train_flags
+from train_helpers import make_image_folder, run_cli, signal_flag, train_flags
 
 pytest.importorskip("timm")
 
@@ -27,7 +27,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     out = tmp_path / "killed"
     flags = train_flags(output=str(out), **opts)
     # killed after global step 11 (epoch 2, step 5); the last save was at step 8 (epoch 2, step 2)
-    r = run_cli("train", *flags, env=cli_env(TRANSNEXT_FAULT_KILL_AT_STEP="11"))
+    r = run_cli("train", *flags, *signal_flag(11, "SIGKILL"), subprocess_=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     ck = load_training_checkpoint(out / "last.pth")
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 8)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transnext.engine.trainer import Callback
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A TransNeXt with the real blocks, small enough for CPU tests (about 60k parameters).
@@ -67,7 +69,8 @@ def write_corrupt(path: Path, kind: str = "garbage") -> Path:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    # src first; tests/ too, so ``--callback train_helpers:SignalAtStep:...`` imports in a child process
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
@@ -138,6 +141,27 @@ def save_tiny_checkpoint(path: Path, num_classes: int = 3, classes=None, img_siz
         "optimizer": {}, "epoch": 0, "step_in_epoch": 0, "global_step": 0, "config": {},
     })
     return m
+
+
+class SignalAtStep(Callback):
+    """Fault injection: the training process sends itself ``signal`` right after optimizer step ``step``."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        import signal as signals
+
+        self.step = step
+        self.signum = getattr(signals, signal)
+
+    def on_step_end(self, run, loss: float) -> None:
+        if run.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def signal_flag(step: int, signal: str) -> list[str]:
+    """``transnext train`` flags that make the run send itself ``signal`` after ``step``."""
+    import json
+
+    return ["--callback", f"train_helpers:SignalAtStep:{json.dumps({'step': step, 'signal': signal})}"]
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "auto: fp16 on CUDA, bf16 on CPU)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    s.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
@@ -71,8 +70,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     size = int(data_cfg["img_size"])
     check_image_size(model, size)
     model.to(device).eval()
-    if args.amp is None:
-        args.amp = "fp16" if device.type == "cuda" else "none"
+    from ..engine.amp import resolve_amp
+
+    args.amp = resolve_amp(args.amp, device)
     return model, dict(data_cfg, classes=info.get("classes")), device
 
 

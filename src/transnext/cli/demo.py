@@ -21,7 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON overrides of the demo preset")
     parser.add_argument("--resume", default=None, help="continue an interrupted demo run ('auto')")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def run(args: argparse.Namespace) -> int:

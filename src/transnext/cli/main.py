@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        # one flag for every subcommand, so no module can forget it
+        p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
         try:
             mod = importlib.import_module(f"transnext.cli.{module}")
         except ModuleNotFoundError as e:
@@ -59,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
-        # Expected user errors get one clear line, not a traceback.
-        if getattr(args, "debug", False):
+    except (ValueError, OSError, RuntimeError, TypeError, ImportError) as e:
+        # Expected user errors get one clear line, not a traceback (--debug shows it).
+        if args.debug:
             raise
         print(f"transnext {args.command}: error: {e}", file=sys.stderr)
         return 1

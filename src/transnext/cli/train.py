@@ -22,20 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"recipe preset ({', '.join(PRESETS)}); default: the preset of --model")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML, TOML or JSON file of options")
     g.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
-    g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    g.add_argument("--callback", action="append", default=[], metavar="MODULE:NAME[:JSON]",
+                   help="add a training callback: NAME(**JSON) from an importable MODULE (a transnext.engine.Callback); "
+                        "repeatable")
     add_config_arguments(parser.add_argument_group("options (each overrides the preset and the config file)"))
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.config import config_from_args
-    from ..engine.trainer import TrainingInterrupted, train
+    from ..engine.trainer import TrainingInterrupted, load_callback, train
 
     cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     try:
-        summary = train(cfg)
+        summary = train(cfg, callbacks=[load_callback(spec) for spec in args.callback])
     except TrainingInterrupted as e:
         print(f"training interrupted; resumable checkpoint saved: {e.checkpoint}\n"
               f"continue with: transnext train --config {cfg.output}/config.yaml --resume auto", file=sys.stderr)

@@ -40,13 +40,16 @@ class TrainConfig:
     batch_size: int = 128  # per process
     total_batch_size: int | None = 1024  # reached by gradient accumulation; None: no accumulation
     epochs: int = 300
+    max_steps: int | None = None  # run length in optimizer steps instead of epochs (iteration schedules)
     opt: str = "adamw"
     lr: float = 1e-3
     opt_eps: float = 1e-8
     weight_decay: float = 0.05
-    sched: str = "cosine"  # "cosine" or "constant"
+    sched: str = "cosine"  # "cosine", "poly" or "constant"
     sched_per_step: bool = True  # False: step the schedule once per epoch, like the reference
+    poly_power: float = 1.0  # exponent of the "poly" schedule
     warmup_epochs: float = 5
+    warmup_steps: int | None = None  # warm-up length in optimizer steps (overrides warmup_epochs)
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     clip_grad: float | None = 1.0
@@ -85,6 +88,7 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint path, or "auto": <output>/last.pth if present
     save_every_steps: int = 0  # also save `last` every N optimizer steps (0: at epoch ends only)
     eval_every: int = 1  # epochs between evaluations
+    eval_every_steps: int = 0  # optimizer steps between evaluations (0: by epochs, eval_every)
     log_every: int = 10  # optimizer steps between metric lines
     progress: bool = True
     preset: str | None = None
@@ -104,7 +108,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}
-        hints = typing.get_type_hints(TrainConfig)
+        hints = typing.get_type_hints(type(self))
         for name in fields:
             setattr(self, name, _coerce(name, getattr(self, name), hints[name]))
         checks = [
@@ -113,7 +117,10 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.img_size >= 1, f"img_size must be positive, got {self.img_size}"),
-            (self.sched in ("cosine", "constant"), f"sched must be 'cosine' or 'constant', got {self.sched!r}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.sched in ("cosine", "poly", "constant"), f"sched must be 'cosine', 'poly' or 'constant', got {self.sched!r}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.eval_every_steps >= 0 and self.save_every_steps >= 0, "eval_every_steps and save_every_steps must be >= 0"),
             (self.amp in ("auto", "fp16", "bf16", "none"), f"amp must be auto, fp16, bf16 or none, got {self.amp!r}"),
             (self.dataset in ("folder", "demo"), f"dataset must be 'folder' or 'demo', got {self.dataset!r}"),
             (self.pos_bias in ("extrapolate", "interpolate"), f"pos_bias must be extrapolate or interpolate, got {self.pos_bias!r}"),
@@ -255,14 +262,17 @@ _HELP = {
     "dataset": "'folder' (ImageFolder tree under --data-dir) or 'demo' (embedded data set)",
     "amp": "mixed precision: auto (fp16 on CUDA, bf16 on CPU), fp16, bf16, none",
     "sched_per_step": "update the learning rate every optimizer step (--no-sched-per-step: once per epoch)",
+    "max_steps": "run length in optimizer steps (overrides --epochs; e.g. 160000 with --sched poly)",
+    "eval_every_steps": "evaluate every N optimizer steps instead of every --eval-every epochs",
+    "warmup_steps": "warm-up length in optimizer steps (overrides --warmup-epochs)",
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--batch-size``...), all defaulting to 'not given'."""
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig.__dataclass_fields__
-    for f in dataclasses.fields(TrainConfig):
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[TrainConfig] = TrainConfig) -> None:
+    """One flag per field of ``config_cls`` (``--batch-size``...), all defaulting to 'not given'."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls.__dataclass_fields__
+    for f in dataclasses.fields(config_cls):
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")

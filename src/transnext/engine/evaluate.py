@@ -14,7 +14,6 @@ Benchmarks in their standard layouts:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .amp import autocast
 from .distributed import DistInfo, reduce_sum
 
 __all__ = [
@@ -48,23 +48,12 @@ ALEXNET_ERRORS = {
 }
 
 
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``amp``: none, bf16, fp16 or auto (fp16 on CUDA, bf16 on CPU)."""
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else "bf16"
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs CUDA; use --amp bf16 or --amp none on CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     loader: Any,
     device: torch.device,
-    amp: str = "none",
+    amp: str | None = "none",
     class_subset: Sequence[int] | None = None,
     info: DistInfo | None = None,
     progress: bool = False,
@@ -93,7 +82,7 @@ def evaluate(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
+            with autocast(device, amp):
                 logits = model(x)
             logits = logits.float()
             if subset is not None:

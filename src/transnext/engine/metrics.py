@@ -61,8 +61,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_curves(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
-    """Training loss and learning rate per step, validation top-1/top-5 per epoch."""
+def plot_curves(metrics_path: str | Path, png_path: str | Path, title: str = "",
+                val_metrics: tuple[str, ...] = ("top1", "top5")) -> Path | None:
+    """Training loss and learning rate per step; validation loss and ``val_metrics`` per evaluation.
+
+    Evaluations come from ``epoch`` records (at epoch ends) and ``eval`` records (step-based runs).
+    """
     rows = read_metrics(metrics_path)
     steps = [r for r in rows if r.get("event") == "step"]
     epochs = [r for r in rows if r.get("event") == "epoch"]
@@ -73,6 +77,10 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path, title: str = "")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    def x_of(r: dict[str, Any]) -> float:
+        return r["epoch_float"] if r.get("event") == "eval" else r["epoch"] + 1
+
+    evals = sorted((r for r in rows if r.get("event") in ("epoch", "eval")), key=lambda r: r.get("global_step", 0))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
     if steps:
@@ -80,21 +88,22 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path, title: str = "")
     ev = [r for r in epochs if r.get("train_loss") is not None]
     if ev:
         ax.plot([r["epoch"] + 1 for r in ev], [r["train_loss"] for r in ev], "o-", label="train (epoch mean)")
-    vl = [r for r in epochs if r.get("val_loss") is not None]
+    vl = [r for r in evals if r.get("val_loss") is not None]
     if vl:
-        ax.plot([r["epoch"] + 1 for r in vl], [r["val_loss"] for r in vl], "s-", label="val")
+        ax.plot([x_of(r) for r in vl], [r["val_loss"] for r in vl], "s-", label="val")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[1]
-    va = [r for r in epochs if r.get("val_top1") is not None]
-    if va:
-        ax.plot([r["epoch"] + 1 for r in va], [r["val_top1"] for r in va], "o-", label="top-1")
-        ax.plot([r["epoch"] + 1 for r in va], [r["val_top5"] for r in va], "s--", label="top-5")
+    for name, style in zip(val_metrics, ("o-", "s--", "^:", "d-.")):
+        va = [r for r in evals if r.get(f"val_{name}") is not None]
+        if va:
+            ax.plot([x_of(r) for r in va], [r[f"val_{name}"] for r in va], style, label=name)
+    if any(r.get(f"val_{name}") is not None for r in evals for name in val_metrics):
         ax.legend()
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)" if set(val_metrics) <= {"top1", "top5"} else "validation metric")
     ax.grid(alpha=0.3)
     ax = axes[2]
     if steps:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .evaluate import autocast_context
+from .amp import autocast
 
 __all__ = ["class_names_for", "predict_images"]
 
@@ -33,7 +33,7 @@ def predict_images(
     topk: int = 5,
     batch_size: int = 32,
     device: torch.device | None = None,
-    amp: str = "none",
+    amp: str | None = "none",
     strict: bool = False,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ def predict_images(
                 results.append({"path": p, "error": msg})
         if tensors:
             x = torch.stack(tensors).to(device)
-            with autocast_context(device, amp):
+            with autocast(device, amp):
                 logits = model(x)
             probs = logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
