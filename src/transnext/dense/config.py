@@ -45,6 +45,19 @@ class _DenseFields(TrainConfig):
     frozen_stages: int = -1
     test_split: str | None = None  # a held-out split evaluated once with best.pth after training
     reference_no_decay: bool = True  # weight decay rule of the reference dense configs (else: no decay on 1-D params)
+    decay_milestones: tuple = (8, 11)  # sched="step": epochs after which the lr is multiplied by decay_rate
+    decay_rate: float = 0.1
+
+    def validate(self) -> None:
+        # "step" is run by transnext.dense.train.DenseTrainRun; the shared checks know the other schedules.
+        step = self.sched == "step"
+        if step:
+            self.sched = "cosine"
+        try:
+            super().validate()
+        finally:
+            if step:
+                self.sched = "step"
 
 
 @dataclass

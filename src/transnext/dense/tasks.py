@@ -360,7 +360,8 @@ def _load_initial(model: torch.nn.Module, path: str) -> None:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"--initial-checkpoint {path}: no tensor matches this model (use --backbone-weights for a classification checkpoint)")
+        raise ValueError(f"--initial-checkpoint {path}: no tensor matches this model "
+                         "(use --backbone-weights for a classification checkpoint)")
     model.load_state_dict(usable, strict=False)
     left = len(own) - len(usable)
     if left:
