@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "top-k predictions for images or folders"),
     "benchmark": ("benchmark", "speed and memory of attention backends, side by side"),
     "demo": ("demo", "train, evaluate and predict on the embedded demo data set"),
+    "detect": ("detect", "object detection / instance segmentation: train, eval, predict, demo"),
+    "segment": ("segment", "semantic segmentation (UPerNet): train, eval, predict, demo"),
 }
 
 

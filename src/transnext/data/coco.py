@@ -178,7 +178,8 @@ class CocoDetection:
         if not any(per_image.values()):
             raise DataError(f"{f}: no usable annotations ({self.describe()})")
         if self.skipped:
-            warnings.warn(f"{f.name}: skipped {_fmt_counts(self.skipped)} (use --strict-data to make this an error)", stacklevel=3)
+            warnings.warn(f"{f.name}: {_fmt_counts(self.skipped)} (unusable entries skipped, stray boxes clipped; "
+                          "use --strict-data to make this an error)", stacklevel=3)
 
     def _check_annotation(self, a: dict[str, Any], aid: int, image: dict[str, Any]) -> dict[str, Any] | None:
         bbox = a["bbox"]
@@ -214,7 +215,7 @@ class CocoDetection:
     def describe(self) -> str:
         parts = [f"{len(getattr(self, 'ids', []))} images"]
         if self.skipped:
-            parts.append("skipped " + _fmt_counts(self.skipped))
+            parts.append(_fmt_counts(self.skipped))
         parts.extend(self.notes)
         return "; ".join(parts)
 
