@@ -13,6 +13,7 @@ files.
     annotations/instances_{train,val,test}.json   COCO instances, RLE masks, categories 1..10
     annotations/{train,val,test}/000000.png       ADE20K-style label maps: 0 = ignore,
                                                   1 = background, 2..11 = the animals
+    classes.txt                                   the 11 segmentation class names
 
 ``train`` scenes use the silhouettes of the classification training split; ``val`` (checkpoint
 selection) and ``test`` (the reported figures) use two disjoint halves of its validation split,
@@ -33,7 +34,7 @@ __all__ = ["DENSE_DEMO_SPLITS", "SEGMENT_DEMO_CLASSES", "compose_scene", "write_
 
 DENSE_DEMO_SPLITS = {"train": 320, "val": 48, "test": 96}
 SEGMENT_DEMO_CLASSES = ("background", *DEMO_CLASSES)
-_VERSION = 1
+_VERSION = 2
 
 
 def _texture(rng: Any, size: int, base: Any, kind: int) -> Any:
@@ -161,6 +162,8 @@ def write_dense_demo(root: str | os.PathLike, size: int = 128, counts: dict[str,
                     categories=[dict(id=k + 1, name=c) for k, c in enumerate(DEMO_CLASSES)])
         text = json.dumps(coco)
         atomic_write(root / "annotations" / f"instances_{split}.json", lambda tmp, t=text: Path(tmp).write_text(t))
+    classes_txt = "\n".join(SEGMENT_DEMO_CLASSES) + "\n"  # segmentation class names, read by ``transnext segment``
+    atomic_write(root / "classes.txt", lambda tmp: Path(tmp).write_text(classes_txt))
     manifest = json.dumps(dict(fingerprint=fp, size=size, counts=counts, seed=seed,
                                segment_classes=list(SEGMENT_DEMO_CLASSES), detect_classes=list(DEMO_CLASSES)), indent=2)
     atomic_write(stamp, lambda tmp: Path(tmp).write_text(manifest))

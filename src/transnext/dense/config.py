@@ -98,7 +98,7 @@ class SegmentationConfig(_DenseFields):
     eval_stride: int = 341  # sliding-window stride (window = crop_size)
     eval_scales: tuple = (1.0,)  # ratios for multi-scale testing (reference MS: 0.5 ... 1.75)
     eval_flip: bool = False
-    class_names: str | None = None  # a text file with one class name per line
+    class_names: str | None = None  # a text file with one class name per line (default: <data-dir>/classes.txt if present)
 
     def validate(self) -> None:
         super().validate()

@@ -223,8 +223,11 @@ def _class_names(cfg: Any) -> list[str] | None:
         from ..data.dense_demo import SEGMENT_DEMO_CLASSES
 
         return list(SEGMENT_DEMO_CLASSES)
-    if cfg.class_names:
-        names = [line.strip() for line in Path(cfg.class_names).read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = Path(cfg.class_names) if cfg.class_names else (Path(cfg.data_dir) / "classes.txt" if cfg.data_dir else None)
+    if cfg.class_names and not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    if path is not None and path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if cfg.num_classes is not None and len(names) != cfg.num_classes:
             raise ValueError(f"{cfg.class_names} names {len(names)} classes but --num-classes is {cfg.num_classes}")
         return names

@@ -27,16 +27,40 @@ class DenseTrainRun(TrainRun):
         cfg = self.cfg
         if getattr(cfg, "sched", None) != "step":
             return super()._build_scheduler()
-        from timm.scheduler import MultiStepLRScheduler
-
         per_step = cfg.sched_per_step or self.max_steps is not None
         self.per_step = per_step
         unit = self.steps_per_epoch if per_step else 1  # milestones are given in epochs
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * self.steps_per_epoch)
         if not per_step:
             warmup = -(-warmup // self.steps_per_epoch)
-        return MultiStepLRScheduler(self.optimizer, decay_t=[int(m * unit) for m in cfg.decay_milestones], decay_rate=cfg.decay_rate,
-                                    warmup_t=warmup, warmup_lr_init=cfg.warmup_lr, t_in_epochs=not per_step)
+        return _multistep_scheduler(self.optimizer, [int(m * unit) for m in cfg.decay_milestones], cfg.decay_rate, warmup,
+                                    cfg.warmup_lr, t_in_epochs=not per_step)
+
+
+def _multistep_scheduler(optimizer: Any, milestones: list[int], decay_rate: float, warmup_t: int, warmup_lr_init: float,
+                         t_in_epochs: bool) -> Any:
+    """timm-style scheduler: linear warm-up to the base lr over ``warmup_t``, then ``lr * decay_rate**k``
+    where ``k`` counts the milestones ``<= t`` (mmcv's step policy: the decay starts at index ``t == m``)."""
+    import bisect
+
+    from timm.scheduler.scheduler import Scheduler
+
+    class MultiStepWarmup(Scheduler):
+        def __init__(self) -> None:
+            super().__init__(optimizer, "lr", t_in_epochs=t_in_epochs)
+            self.milestones = sorted(milestones)
+            self.decay_rate = decay_rate
+            self.warmup_t = warmup_t
+            self.warmup_lr_init = warmup_lr_init
+            self.update_groups(self._get_lr(0))
+
+        def _get_lr(self, t: int) -> list[float]:
+            factor = self.decay_rate ** bisect.bisect_right(self.milestones, t)
+            if t < self.warmup_t:
+                return [self.warmup_lr_init + t * (v * factor - self.warmup_lr_init) / self.warmup_t for v in self.base_values]
+            return [v * factor for v in self.base_values]
+
+    return MultiStepWarmup()
 
 
 def train_dense(cfg: Any, task: Any, callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
