@@ -297,23 +297,49 @@ def test_segment_resume_is_exact(demo_root: Path, tmp_path: Path, one_thread) ->
 
     trunk = {k: v for k, v in TRUNK.items() if k not in ("img_size", "drop_path_rate")}
     opts = dict(dataset="folder", data_dir=str(demo_root), train_split="train", val_split="val", num_classes=11, model_kwargs=trunk,
-                img_size=64, drop_path=0.1, epochs=2, batch_size=2, num_workers=0, progress=False, lr=1e-3, crop_size=64,
+                img_size=64, drop_path=0.1, epochs=2, batch_size=4, num_workers=0, progress=False, lr=1e-3, crop_size=64,
                 resize_scale=(64, 64), channels=16, aux_channels=8, deterministic=True, seed=3)
 
     class StopAt(Callback):
         def on_step_end(self, run, loss):
-            if run.global_step == 5:
+            if run.global_step == 3:
                 run.request_stop()
 
     ref = train_segmenter(resolve_dense_config(SegmentationConfig, "segment_demo", None, dict(opts, output=str(tmp_path / "a"))))
     cfg = resolve_dense_config(SegmentationConfig, "segment_demo", None, dict(opts, output=str(tmp_path / "b")))
     with pytest.raises(TrainingInterrupted):
         train_segmenter(cfg, [StopAt()])
-    assert load_training_checkpoint(tmp_path / "b" / "last.pth")["global_step"] == 5  # mid-epoch 2 (4 steps per epoch)
+    assert load_training_checkpoint(tmp_path / "b" / "last.pth")["global_step"] == 3  # mid-epoch 2 (2 steps per epoch)
     cfg = resolve_dense_config(SegmentationConfig, "segment_demo", None, dict(opts, output=str(tmp_path / "b"), resume="auto"))
     res = train_segmenter(cfg)
     a, b = (load_training_checkpoint(tmp_path / d / "last.pth") for d in ("a", "b"))
-    assert a["global_step"] == b["global_step"] == 8
+    assert a["global_step"] == b["global_step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
     assert res["best_metrics"]["mIoU"] == pytest.approx(ref["best_metrics"]["mIoU"])
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_demo_cli_end_to_end_on_tiny_scenes(task: str, demo_root: Path, tmp_path: Path) -> None:
+    import yaml
+
+    trunk = {k: v for k, v in TRUNK.items() if k not in ("img_size", "drop_path_rate")}
+    opts: dict = dict(data_dir=str(demo_root), model_kwargs=trunk, img_size=64, pretrain_size=64, epochs=1, batch_size=4,
+                      num_workers=0, threads=1, log_every=1)
+    if task == "detect":
+        opts.update(min_size=[64], max_size=64, fpn_channels=16, representation_size=32, mask_layers=[8], detections_per_img=10)
+    else:
+        opts.update(crop_size=64, resize_scale=[64, 64], channels=16, aux_channels=8)
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(opts))
+    out = tmp_path / "demo"
+    r = run_cli(task, "demo", "--output", str(out), "--config", str(tmp_path / "small.yaml"), "--no-progress", "--num-predict", "2",
+                check=True)
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["test_images"] == 2 and len(list((out / "predictions").glob("*.png"))) >= 2
+    if task == "detect":
+        assert "held-out test: box AP" in r.stdout and "trivial baseline box AP" in r.stdout
+        assert 0 <= summary["baseline_bbox_AP"] <= 100 and "test_segm_AP" in summary
+    else:
+        assert "held-out test: mIoU" in r.stdout and "trivial baseline ('background' everywhere)" in r.stdout
+        assert summary["baseline_class"] == "background" and summary["baseline_mIoU"] < 100
+    assert (out / "best.pth").is_file() and (out / "test_eval" / "eval.md").is_file()

@@ -30,7 +30,7 @@ from typing import Any
 
 from .demo import DEMO_CLASSES, demo_arrays
 
-__all__ = ["DENSE_DEMO_SPLITS", "SEGMENT_DEMO_CLASSES", "compose_scene", "write_dense_demo"]
+__all__ = ["DENSE_DEMO_SPLITS", "SEGMENT_DEMO_CLASSES", "compose_scene", "ensure_dense_demo", "write_dense_demo"]
 
 DENSE_DEMO_SPLITS = {"train": 320, "val": 48, "test": 96}
 SEGMENT_DEMO_CLASSES = ("background", *DEMO_CLASSES)
@@ -168,3 +168,11 @@ def write_dense_demo(root: str | os.PathLike, size: int = 128, counts: dict[str,
                                segment_classes=list(SEGMENT_DEMO_CLASSES), detect_classes=list(DEMO_CLASSES)), indent=2)
     atomic_write(stamp, lambda tmp: Path(tmp).write_text(manifest))
     return root
+
+
+def ensure_dense_demo(root: str | os.PathLike) -> Path:
+    """``root`` as is when it already holds demo scenes (any size or split sizes), else the default scenes written there."""
+    root = Path(root)
+    if (root / "demo_manifest.json").is_file():
+        return root
+    return write_dense_demo(root)

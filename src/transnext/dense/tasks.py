@@ -43,10 +43,10 @@ def reference_param_groups(model: torch.nn.Module, weight_decay: float, keys: tu
 
 
 def _demo_root(cfg: Any) -> Path:
-    from ..data.dense_demo import write_dense_demo
+    from ..data.dense_demo import ensure_dense_demo, write_dense_demo
 
-    root = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.output) / "demo_data"
-    return write_dense_demo(root)
+    # a given folder of demo scenes is used as it is; the default one is (re)written when stale
+    return ensure_dense_demo(cfg.data_dir) if cfg.data_dir else write_dense_demo(Path(cfg.output) / "demo_data")
 
 
 def _announce(msg: str, info: Any) -> None:

@@ -296,16 +296,17 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
                    config: str | None = None, num_predict: int = 6, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train Mask R-CNN on the demo scenes, score best.pth on the held-out test split beside a trivial baseline."""
     from ..data.coco import CocoDetection
-    from ..data.dense_demo import DENSE_DEMO_SPLITS, write_dense_demo
+    from ..data.dense_demo import ensure_dense_demo, write_dense_demo
     from .config import coco_split_paths
     from .metrics import coco_evaluate
     from .train import train_detector
 
     t0 = time.perf_counter()
     cfg, out = _demo_common("detect", output, epochs, resume, progress, config, extra)
-    data = write_dense_demo(cfg.data_dir or out / "demo_data")
+    data = ensure_dense_demo(cfg.data_dir) if cfg.data_dir else write_dense_demo(out / "demo_data")
     cfg.data_dir = str(data)
-    _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in DENSE_DEMO_SPLITS.items())} images, "
+    counts = json.loads((data / "demo_manifest.json").read_text())["counts"]
+    _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in counts.items())} images, "
          f"{time.perf_counter() - t0:.0f} s)")
     _say(f"[2/4] training {cfg.detector} on a small {cfg.model}-style trunk ({cfg.epochs} epochs, {cfg.max_size} px) -> {out}")
     summary = train_detector(cfg)
@@ -341,15 +342,16 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
 def segmentation_demo(output: str | Path = "runs/segment_demo", epochs: int | None = None, resume: str | None = None, progress: bool = True,
                       config: str | None = None, num_predict: int = 6, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train UPerNet on the demo scenes, score best.pth on the held-out test split beside the majority-class baseline."""
-    from ..data.dense_demo import DENSE_DEMO_SPLITS, write_dense_demo
+    from ..data.dense_demo import ensure_dense_demo, write_dense_demo
     from .tasks import segmentation_dataset
     from .train import train_segmenter
 
     t0 = time.perf_counter()
     cfg, out = _demo_common("segment", output, epochs, resume, progress, config, extra)
-    data = write_dense_demo(cfg.data_dir or out / "demo_data")
+    data = ensure_dense_demo(cfg.data_dir) if cfg.data_dir else write_dense_demo(out / "demo_data")
     cfg.data_dir = str(data)
-    _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in DENSE_DEMO_SPLITS.items())} images, "
+    counts = json.loads((data / "demo_manifest.json").read_text())["counts"]
+    _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in counts.items())} images, "
          f"{time.perf_counter() - t0:.0f} s)")
     _say(f"[2/4] training UPerNet on a small {cfg.model}-style trunk ({cfg.epochs} epochs, {cfg.crop_size} px crops) -> {out}")
     summary = train_segmenter(cfg)
