@@ -17,7 +17,8 @@ from train_helpers import run_cli  # noqa: E402
 from transnext.dense import maskrcnn_transnext, retinanet_transnext, segmentation_loss, upernet_transnext  # noqa: E402
 from transnext.dense.detection import fcos_transnext  # noqa: E402
 
-TRUNK = dict(embed_dims=(8, 16, 32, 64), num_heads=(1, 1, 2, 4), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2), img_size=64, drop_path_rate=0.0)
+TRUNK = dict(embed_dims=(8, 16, 32, 64), num_heads=(1, 1, 2, 4), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2), img_size=64,
+             drop_path_rate=0.0)
 DET_HEADS = dict(fpn_channels=16, representation_size=32, mask_layers=(8,), min_size=64, max_size=64, detections_per_img=10,
                  rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=30,
                  box_batch_size_per_image=32)
@@ -142,7 +143,8 @@ def test_recipes_follow_the_reference() -> None:
     assert (m.warmup_steps, m.warmup_lr, m.batch_size, m.total_batch_size, m.min_size, m.max_size) == (500, 1e-7, 2, 16, (800.0,), 1333)
     assert m.img_size == 800 and m.pretrain_size == 224 and m.pos_bias == "interpolate" and m.clip_grad is None
     u = resolve_dense_config(SegmentationConfig, "upernet_160k_small", None, {"data_dir": "ade"})
-    assert (u.lr, u.sched, u.poly_power, u.min_lr, u.max_steps, u.warmup_steps, u.total_batch_size) == (6e-5, "poly", 1.0, 0.0, 160_000, 1500, 16)
+    assert (u.lr, u.sched, u.poly_power, u.min_lr, u.max_steps) == (6e-5, "poly", 1.0, 0.0, 160_000)
+    assert (u.warmup_steps, u.warmup_lr, u.total_batch_size, u.batch_size) == (1500, 6e-5 * 1e-6, 16, 2)
     assert (u.crop_size, u.resize_scale, u.ratio_range, u.cat_max_ratio, u.num_classes) == (512, (2048.0, 512.0), (0.5, 2.0), 0.75, 150)
     assert PUBLISHED["upernet_160k_small"].endswith("52.2") and "49.9" in PUBLISHED["mask_rcnn_1x_tiny"]
     with pytest.raises(ValueError, match="unknown recipe"):
