@@ -345,3 +345,23 @@ def test_demo_cli_end_to_end_on_tiny_scenes(task: str, demo_root: Path, tmp_path
         assert "held-out test: mIoU" in r.stdout and "trivial baseline ('background' everywhere)" in r.stdout
         assert summary["baseline_class"] == "background" and summary["baseline_mIoU"] < 100
     assert (out / "best.pth").is_file() and (out / "test_eval" / "eval.md").is_file()
+
+
+def test_layer_decay_and_backbone_lr_groups() -> None:
+    from transnext.dense.config import SegmentationConfig
+    from transnext.dense.tasks import dense_param_groups
+
+    model = upernet_transnext("transnext_micro", num_classes=3, channels=8, aux_channels=8, **TRUNK)
+    cfg = SegmentationConfig(dataset="demo", layer_decay=0.5, backbone_lr_mult=0.1)
+    groups = dense_param_groups(model, cfg)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["decode_head.classifier.1.weight"])] == 1.0  # heads: full lr
+    # trunk layers (timm group_matcher, fine): stem, then each block, the stage norm joining its last block
+    stem = scale[id(named["backbone.model.patch_embed1.proj.weight"])]
+    first = scale[id(named["backbone.model.block1.0.attn.q.weight"])]
+    last = scale[id(named["backbone.model.norm4.weight"])]
+    assert first == pytest.approx(2 * stem) and last == pytest.approx(0.1 * 0.5) and stem < first < last
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    # no decay on the reference keys, in every lr group
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p is named["backbone.model.norm4.weight"] for p in g["params"]))

@@ -45,6 +45,8 @@ class _DenseFields(TrainConfig):
     frozen_stages: int = -1
     test_split: str | None = None  # a held-out split evaluated once with best.pth after training
     reference_no_decay: bool = True  # weight decay rule of the reference dense configs (else: no decay on 1-D params)
+    backbone_lr_mult: float = 1.0  # learning-rate scale of the trunk
+    layer_decay: float | None = None  # layer-wise lr decay over the trunk's group_matcher layers (None: off)
     decay_milestones: tuple = (8, 11)  # sched="step": epochs after which the lr is multiplied by decay_rate
     decay_rate: float = 0.1
 
@@ -152,7 +154,7 @@ DEMO_TRUNK: dict[str, Any] = dict(embed_dims=(24, 48, 96, 192), num_heads=(1, 2,
 _DEMO_COMMON: dict[str, Any] = dict(
     _DENSE_COMMON, dataset="demo", model="transnext_micro", model_kwargs=DEMO_TRUNK, img_size=128, pretrain_size=128,
     drop_path=0.0, total_batch_size=None, opt="adamw", weight_decay=0.05, sched="cosine", warmup_steps=30, warmup_lr=1e-5,
-    min_lr=1e-5, clip_grad=5.0, amp="none", num_workers=1, threads=2, train_split="train", val_split="val",
+    min_lr=1e-5, clip_grad=5.0, amp="none", num_workers=1, threads=1, train_split="train", val_split="val",
     test_split="test", log_every=10, reference_no_decay=False,
 )
 
@@ -167,6 +169,7 @@ DENSE_RECIPES: dict[str, dict[str, Any]] = {
     "detect_demo": dict(
         _DEMO_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", min_size=(128,), max_size=128, fpn_channels=64,
         representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=6, lr=4e-4, hflip=0.5, output="runs/detect_demo",
+        detections_per_img=50,
         detector_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
                              rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),
     ),

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..engine.trainer import TrainRun
     from .config import DetectionConfig, SegmentationConfig
 
-__all__ = ["DetectionTask", "SegmentationTask", "evaluate_detector", "evaluate_segmenter", "reference_param_groups"]
+__all__ = ["DetectionTask", "SegmentationTask", "dense_param_groups", "evaluate_detector", "evaluate_segmenter", "reference_param_groups"]
 
 
 def reference_param_groups(model: torch.nn.Module, weight_decay: float, keys: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -40,6 +40,55 @@ def reference_param_groups(model: torch.nn.Module, weight_decay: float, keys: tu
         if p.requires_grad:
             (no_decay if any(k in name for k in keys) else decay).append(p)
     return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
+
+
+def _trunk(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """``(prefix, TransNeXt)`` of a dense model's trunk."""
+    from ..models.transnext import TransNeXt
+
+    for name, m in model.named_modules():
+        if isinstance(m, TransNeXt):
+            return (name + "." if name else ""), m
+    return None
+
+
+def dense_param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
+    """Optimizer groups: the weight-decay rule (reference keys, or no decay on 1-D parameters), times the
+    learning-rate scales of the trunk: ``backbone_lr_mult`` and, with ``layer_decay``, ``layer_decay**(L - layer)``
+    per layer of the trunk's ``group_matcher`` (stem first; the heads keep scale 1)."""
+    from .config import REFERENCE_NO_DECAY_KEYS
+
+    found = _trunk(model)
+    layer_of: dict[str, int] = {}
+    num_layers = 0
+    if found is not None and cfg.layer_decay is not None:
+        from timm.models import group_parameters
+
+        prefix, trunk = found
+        groups = group_parameters(trunk, trunk.group_matcher(coarse=False))
+        ids = sorted(groups)
+        for rank, gid in enumerate(ids):  # dense, 0-based layer numbers
+            for n in groups[gid]:
+                layer_of[prefix + n] = rank
+        num_layers = len(ids)
+    prefix = found[0] if found is not None else None
+    keys = REFERENCE_NO_DECAY_KEYS if cfg.reference_no_decay else ()
+    nd_keys = set(found[1].no_weight_decay_keywords()) if found is not None else set()
+    buckets: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if cfg.reference_no_decay:
+            wd = 0.0 if any(k in name for k in keys) else cfg.weight_decay
+        else:
+            wd = 0.0 if (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in nd_keys)) else cfg.weight_decay
+        scale = 1.0
+        if prefix is not None and name.startswith(prefix):
+            scale = cfg.backbone_lr_mult
+            if name in layer_of:
+                scale *= cfg.layer_decay ** (num_layers - layer_of[name])
+        buckets.setdefault((wd, scale), []).append(p)
+    return [dict(params=ps, weight_decay=wd, lr_scale=scale) for (wd, scale), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
 
 
 def _demo_root(cfg: Any) -> Path:
@@ -178,9 +227,7 @@ class DetectionTask(Task):
         return metrics
 
     def param_groups(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
-        if cfg.reference_no_decay:
-            return reference_param_groups(model, cfg.weight_decay)
-        return super().param_groups(model, cfg)
+        return dense_param_groups(model, cfg)
 
     def checkpoint_extras(self, model: torch.nn.Module) -> dict[str, Any]:
         assert self.train_set is not None
@@ -336,9 +383,7 @@ class SegmentationTask(Task):
         return {k: v for k, v in full.items() if k != "per_class"}
 
     def param_groups(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
-        if cfg.reference_no_decay:
-            return reference_param_groups(model, cfg.weight_decay)
-        return super().param_groups(model, cfg)
+        return dense_param_groups(model, cfg)
 
     def checkpoint_extras(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = self.cfg
