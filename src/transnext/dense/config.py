@@ -43,7 +43,7 @@ class _DenseFields(TrainConfig):
     dense_preset: str = "mask_rcnn"  # backbone settings (transnext.dense.DENSE_PRESETS)
     backbone_weights: str | None = None  # classification checkpoint for the trunk (--pretrained: published weights)
     frozen_stages: int = -1
-    test_split: str | None = None  # a held-out split evaluated once with best.pth after training
+    test_split: str | None = None  # held-out split the demos score best.pth on (never used for selection)
     reference_no_decay: bool = True  # weight decay rule of the reference dense configs (else: no decay on 1-D params)
     backbone_lr_mult: float = 1.0  # learning-rate scale of the trunk
     layer_decay: float | None = None  # layer-wise lr decay over the trunk's group_matcher layers (None: off)

@@ -133,7 +133,7 @@ def evaluate_detector(model: torch.nn.Module, loader: Any, dataset: Any, device:
             continue
         with autocast:
             outputs = model([im.to(device) for im in images])
-        outputs = [{k: v.float() for k, v in o.items()} for o in outputs]
+        outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
         results.extend(detections_to_coco(outputs, [t["image_id"] for t in targets], dataset.label_to_cat_id))
         n += len(images)
     if info is not None and info.distributed:

@@ -312,12 +312,13 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
     summary = train_detector(cfg)
     t_train = time.perf_counter() - t0
     _say("[3/4] scoring best.pth on the held-out test split (not used for checkpoint selection)")
-    res = evaluate_detection(out / "best.pth", data, "test", batch_size=4, num_workers=0, output=out / "test_eval", progress=progress)
-    train_set = CocoDetection(*coco_split_paths(data, "train"), train=True)
-    test_set = CocoDetection(*coco_split_paths(data, "test"))
+    test_split = cfg.test_split or "test"
+    res = evaluate_detection(out / "best.pth", data, test_split, batch_size=4, num_workers=0, output=out / "test_eval", progress=progress)
+    train_set = CocoDetection(*coco_split_paths(data, cfg.train_split), train=True)
+    test_set = CocoDetection(*coco_split_paths(data, test_split))
     base = coco_evaluate(test_set.coco_gt(), detection_baseline(train_set, test_set))
     _say(f"[4/4] predicting {num_predict} held-out images")
-    images, _ = coco_split_paths(data, "test")
+    images, _ = coco_split_paths(data, test_split)
     picks = sorted(images.glob("*.png"))[:num_predict]
     preds = predict_detection(out / "best.pth", picks, out / "predictions")
     total = time.perf_counter() - t0
@@ -357,11 +358,13 @@ def segmentation_demo(output: str | Path = "runs/segment_demo", epochs: int | No
     summary = train_segmenter(cfg)
     t_train = time.perf_counter() - t0
     _say("[3/4] scoring best.pth on the held-out test split (not used for checkpoint selection)")
-    res = evaluate_segmentation(out / "best.pth", data, "test", num_workers=0, output=out / "test_eval", progress=progress)
+    test_split = cfg.test_split or "test"
+    res = evaluate_segmentation(out / "best.pth", data, test_split, num_workers=0, output=out / "test_eval", progress=progress)
     m = res["metrics"]
-    base = segmentation_baseline(segmentation_dataset(cfg, "train", train=False), segmentation_dataset(cfg, "test", train=False))
+    base = segmentation_baseline(segmentation_dataset(cfg, cfg.train_split, train=False),
+                                 segmentation_dataset(cfg, test_split, train=False))
     _say(f"[4/4] predicting {num_predict} held-out images")
-    picks = sorted((Path(data) / "images" / "test").glob("*.png"))[:num_predict]
+    picks = sorted((Path(data) / "images" / test_split).glob("*.png"))[:num_predict]
     preds = predict_segmentation(out / "best.pth", picks, out / "predictions")
     total = time.perf_counter() - t0
     result = {
