@@ -130,3 +130,24 @@ def test_slide_and_flip_equal_whole_for_a_pointwise_model() -> None:
     torch.testing.assert_close(aug, whole.softmax(1))
     ms = segment_image(conv, x, scales=(0.5, 1.0), flip=True, out_size=(20, 35))
     assert ms.shape == (1, 4, 20, 35) and torch.allclose(ms.sum(1), torch.ones(1, 20, 35))
+
+
+def test_mask_ap_uses_mask_areas_not_box_areas() -> None:
+    import numpy as np
+    from pycocotools import mask as mu
+
+    def rle(y, x, s):
+        m = np.zeros((100, 100), np.uint8)
+        m[y:y + s, x:x + s] = 1
+        r = mu.encode(np.asfortranarray(m))
+        r["counts"] = r["counts"].decode()
+        return r
+
+    gt = dict(images=[dict(id=1, file_name="a.png", width=100, height=100)],
+              annotations=[dict(id=1, image_id=1, category_id=1, bbox=[10, 10, 10, 10], area=100, iscrowd=0, segmentation=rle(10, 10, 10))],
+              categories=[dict(id=1, name="x")])
+    # a higher-scored false positive with a small mask but a large box: it is a small object
+    res = [dict(image_id=1, category_id=1, bbox=[0, 0, 100, 100], score=0.9, segmentation=rle(60, 60, 8)),
+           dict(image_id=1, category_id=1, bbox=[10, 10, 10, 10], score=0.5, segmentation=rle(10, 10, 10))]
+    segm = coco_evaluate(gt, res, iou_types=("segm",))["segm"]
+    assert segm["APs"] == pytest.approx(50) and segm["AP"] == pytest.approx(50)

@@ -90,6 +90,10 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]], iou_types: 
         if not dets:
             out[iou_type] = dict(dict.fromkeys(COCO_STAT_NAMES, 0.0), per_class=dict.fromkeys(cat_names.values(), 0.0))
             continue
+        if iou_type == "segm":
+            # without the box, pycocotools takes the instance area from the mask (not the box), so
+            # APs/m/l of masks use mask areas, as detectron2 and mmdet evaluate them
+            dets = [{k: v for k, v in r.items() if k != "bbox"} for r in dets]
         with quiet:
             coco_dt = coco_gt.loadRes([dict(r) for r in dets])
             ev = COCOeval(coco_gt, coco_dt, iou_type)
