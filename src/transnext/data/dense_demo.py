@@ -2,8 +2,8 @@
 
 Each scene is a ``size x size`` RGB image: a procedural textured background (smooth colour
 noise, stripes or checks) with 1-3 animals pasted on it, each a silhouette from
-``demo_animals.npz`` scaled to 24-60 px, flipped at random and filled with its own textured
-colour. Later animals may occlude earlier ones; an instance that keeps less than 35% of its pixels
+``demo_animals.npz`` scaled to 1/4-9/16 of the image side (32-72 px at 128), flipped at random
+and filled with its own textured colour. Later animals may occlude earlier ones; an instance that keeps less than 35% of its pixels
 (or fewer than 40) is dropped. Everything follows from ``seed``: the same call writes the same
 files.
 
@@ -32,9 +32,9 @@ from .demo import DEMO_CLASSES, demo_arrays
 
 __all__ = ["DENSE_DEMO_SPLITS", "SEGMENT_DEMO_CLASSES", "compose_scene", "ensure_dense_demo", "write_dense_demo"]
 
-DENSE_DEMO_SPLITS = {"train": 320, "val": 48, "test": 96}
+DENSE_DEMO_SPLITS = {"train": 800, "val": 48, "test": 96}
 SEGMENT_DEMO_CLASSES = ("background", *DEMO_CLASSES)
-_VERSION = 2
+_VERSION = 3
 
 
 def _texture(rng: Any, size: int, base: Any, kind: int) -> Any:
@@ -73,7 +73,7 @@ def compose_scene(rng: Any, silhouettes: Any, labels: Any, size: int = 128) -> d
     cls: list[int] = []
     for k in range(int(rng.integers(1, 4))):
         i = int(rng.integers(0, len(silhouettes)))
-        side = int(rng.integers(24, 61))
+        side = int(rng.integers(size // 4, size * 9 // 16 + 1))  # 32-72 px at 128
         sil = Image.fromarray(silhouettes[i]).resize((side, side), Image.BILINEAR)
         m = np.asarray(sil) > 127
         if rng.random() < 0.5:

@@ -175,7 +175,7 @@ DENSE_RECIPES: dict[str, dict[str, Any]] = {
     ),
     "segment_demo": dict(
         _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=11, crop_size=128, resize_scale=(128, 128),
-        ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=8, epochs=10, lr=6e-4, output="runs/segment_demo",
+        ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=8, epochs=4, lr=2e-3, output="runs/segment_demo",
     ),
 }
 
