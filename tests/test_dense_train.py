@@ -365,3 +365,15 @@ def test_layer_decay_and_backbone_lr_groups() -> None:
     assert sum(len(g["params"]) for g in groups) == len(named)
     # no decay on the reference keys, in every lr group
     assert all(g["weight_decay"] == 0.0 for g in groups if any(p is named["backbone.model.norm4.weight"] for p in g["params"]))
+
+
+def test_anchor_sizes_reach_the_detectors() -> None:
+    from transnext.dense.config import DetectionConfig, resolve_dense_config
+    from transnext.dense.modeling import build_dense_model, dense_arch
+
+    trunk = {k: v for k, v in TRUNK.items() if k not in ("img_size", "drop_path_rate")}
+    opts = dict(dataset="demo", model_kwargs=trunk, img_size=64, fpn_channels=32, anchor_sizes=(8, 16, 32, 64, 128))
+    cfg = resolve_dense_config(DetectionConfig, None, None, dict(opts, drop_path=0.0))
+    assert build_dense_model(dense_arch(cfg, 4, "detect")).rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    cfg = resolve_dense_config(DetectionConfig, None, None, dict(opts, drop_path=0.0, detector="retinanet"))
+    assert build_dense_model(dense_arch(cfg, 4, "detect")).anchor_generator.sizes[0] == (8, 10, 12)

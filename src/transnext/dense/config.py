@@ -68,6 +68,7 @@ class DetectionConfig(_DenseFields):
     min_size: tuple = (800,)  # shorter side; several values: one drawn per batch (multi-scale training)
     max_size: int = 1333
     fpn_channels: int = 256
+    anchor_sizes: tuple = ()  # one base anchor size per FPN level (empty: 32-512, the reference for 800 px images)
     representation_size: int | None = None  # box head MLP width (None: torchvision's 1024)
     mask_layers: tuple = ()  # mask head conv widths (empty: torchvision's 4 x 256)
     detector_kwargs: dict = field(default_factory=dict)  # further torchvision detector arguments
@@ -168,7 +169,8 @@ DENSE_RECIPES: dict[str, dict[str, Any]] = {
     "upernet_160k_base": dict(_UPERNET_160K, model="transnext_base"),
     "detect_demo": dict(
         _DEMO_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", min_size=(128,), max_size=128, fpn_channels=64,
-        representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=6, lr=4e-4, hflip=0.5, output="runs/detect_demo",
+        anchor_sizes=(16, 32, 64, 128, 256),  # the reference anchors, scaled to 128 px scenes
+        representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=3, lr=1e-3, hflip=0.5, output="runs/detect_demo",
         detections_per_img=50,
         detector_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
                              rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),

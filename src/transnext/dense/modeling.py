@@ -30,6 +30,7 @@ def dense_arch(cfg: Any, num_classes: int, task: str) -> dict[str, Any]:
                                 backbone=backbone, frozen_stages=int(cfg.frozen_stages))
     if task == "detect":
         arch.update(detector=cfg.detector, fpn_channels=int(cfg.fpn_channels), min_size=[int(s) for s in cfg.min_size],
+                    anchor_sizes=[int(s) for s in cfg.anchor_sizes] or None,
                     max_size=int(cfg.max_size), representation_size=cfg.representation_size,
                     mask_layers=[int(c) for c in cfg.mask_layers] or None, box_score_thresh=float(cfg.box_score_thresh),
                     detections_per_img=int(cfg.detections_per_img), detector_kwargs=dict(cfg.detector_kwargs or {}))
@@ -59,6 +60,16 @@ def build_dense_model(arch: dict[str, Any], backbone_weights: Any = None, grad_c
                   fpn_channels=arch["fpn_channels"], frozen_stages=arch.get("frozen_stages", -1), grad_checkpointing=grad_checkpointing,
                   backbone_kwargs=backbone)
     detector = arch["detector"]
+    if arch.get("anchor_sizes") and detector in ("mask_rcnn", "retinanet"):
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        sizes = arch["anchor_sizes"]
+        if detector == "retinanet":  # three scales per octave, as torchvision's and mmdet's RetinaNet
+            per_level = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
+        else:
+            per_level = tuple((s,) for s in sizes)
+        key = "rpn_anchor_generator" if detector == "mask_rcnn" else "anchor_generator"
+        kwargs[key] = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(sizes))
     if detector == "mask_rcnn":
         return maskrcnn_transnext(arch["variant"], representation_size=arch.get("representation_size"),
                                   mask_layers=tuple(arch["mask_layers"]) if arch.get("mask_layers") else None,
