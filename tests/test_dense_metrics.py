@@ -151,3 +151,17 @@ def test_mask_ap_uses_mask_areas_not_box_areas() -> None:
            dict(image_id=1, category_id=1, bbox=[10, 10, 10, 10], score=0.5, segmentation=rle(10, 10, 10))]
     segm = coco_evaluate(gt, res, iou_types=("segm",))["segm"]
     assert segm["APs"] == pytest.approx(50) and segm["AP"] == pytest.approx(50)
+
+
+def test_class_agnostic_ap_and_foreground_iou() -> None:
+    from transnext.dense.metrics import class_agnostic, foreground_iou
+
+    gt = _gt()
+    # right boxes, wrong categories: AP 0 by class, 100 for localisation alone
+    res = [_det(7 if a["category_id"] == 3 else 3, a["bbox"], 0.9) for a in gt["annotations"]]
+    assert coco_evaluate(gt, res, iou_types=("bbox",))["bbox"]["AP"] == pytest.approx(0)
+    assert coco_evaluate(*class_agnostic(gt, res), iou_types=("bbox",))["bbox"]["AP"] == pytest.approx(100)
+    # foreground = classes 1, 2 merged: 3 animal pixels labelled; 2 found (one with the wrong animal), 1 false alarm
+    m = SegmentationMetric(3)
+    m.update(torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 1, 1, 2, 0]))
+    assert foreground_iou(m.confusion) == pytest.approx(100 * 2 / 4)

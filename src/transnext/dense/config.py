@@ -176,8 +176,9 @@ DENSE_RECIPES: dict[str, dict[str, Any]] = {
                              rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),
     ),
     "segment_demo": dict(
-        _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=11, crop_size=128, resize_scale=(128, 128),
-        ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=8, epochs=4, lr=2e-3, output="runs/segment_demo",
+        # 64 px crops (largest class <= 75% of a crop, as the reference crops) of scenes resized to 96-192 px
+        _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=11, crop_size=64, resize_scale=(128, 128),
+        ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=16, epochs=14, lr=2e-3, output="runs/segment_demo",
     ),
 }
 

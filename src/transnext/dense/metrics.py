@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["COCO_STAT_NAMES", "SegmentationMetric", "coco_evaluate", "detections_to_coco"]
+__all__ = ["COCO_STAT_NAMES", "SegmentationMetric", "class_agnostic", "coco_evaluate", "detections_to_coco", "foreground_iou"]
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -157,3 +157,19 @@ class SegmentationMetric:
             "aAcc": pct(tp.sum() / total) if total > 0 else float("nan"),
             "per_class": {names[c]: {"IoU": pct(iou[c]), "Acc": pct(acc[c])} for c in range(self.num_classes)},
         }
+
+
+def class_agnostic(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Ground truth and results with every category merged into one ("object"): localisation alone."""
+    gt = dict(gt, categories=[dict(id=1, name="object")], annotations=[dict(a, category_id=1) for a in gt["annotations"]])
+    return gt, [dict(r, category_id=1) for r in results]
+
+
+def foreground_iou(confusion: Any, background: int = 0) -> float:
+    """IoU (percent) of "any class but ``background``" from a ``[label, prediction]`` confusion matrix."""
+    cm = torch.as_tensor(confusion, dtype=torch.float64)
+    fg = torch.ones(cm.shape[0], dtype=torch.bool)
+    fg[background] = False
+    tp = cm[fg][:, fg].sum()
+    union = cm[fg].sum() + cm[:, fg].sum() - tp
+    return float(tp / union) * 100 if union > 0 else float("nan")

@@ -118,7 +118,7 @@ def coco_dataset(cfg: Any, split: str, train: bool) -> Any:
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, loader: Any, dataset: Any, device: torch.device, info: Any = None,
                       amp: str | None = None, progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(scalar metrics, full COCO results incl. per-class AP)`` of ``model`` on ``loader``'s images."""
+    """``(scalar metrics, full COCO figures incl. per-class AP and the raw ``results`` entries)``."""
     from ..engine.distributed import all_gather_object
     from .metrics import coco_evaluate, detections_to_coco
 
@@ -142,6 +142,7 @@ def evaluate_detector(model: torch.nn.Module, loader: Any, dataset: Any, device:
         n, skipped = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
     iou_types = ("bbox", "segm") if getattr(dataset, "with_masks", False) else ("bbox",)
     full = coco_evaluate(dataset.coco_gt(), results, iou_types=iou_types)
+    full["results"] = results
     metrics: dict[str, Any] = {}
     for t in iou_types:
         for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
@@ -223,7 +224,8 @@ class DetectionTask(Task):
         return StepOutput(loss, len(images), skipped, {k: float(v.detach()) for k, v in losses.items()})
 
     def evaluate(self, model: torch.nn.Module, loader: Any, run: TrainRun) -> dict[str, float]:
-        metrics, self.last_full = evaluate_detector(model, loader, self.val_set, run.device, run.info, run.amp)
+        metrics, full = evaluate_detector(model, loader, self.val_set, run.device, run.info, run.amp)
+        self.last_full = {k: v for k, v in full.items() if k != "results"}
         return metrics
 
     def param_groups(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
@@ -309,6 +311,7 @@ def evaluate_segmenter(model: torch.nn.Module, loader: Any, num_classes: int, de
         metric.confusion = torch.tensor(flat[:-2], dtype=torch.float64).reshape(num_classes, num_classes)
         n, skipped = int(flat[-2]), int(flat[-1])
     out = metric.compute(classes)
+    out["confusion"] = metric.confusion.tolist()  # [label, prediction] pixel counts
     out["n"] = n
     if skipped:
         out["skipped"] = skipped
@@ -380,7 +383,7 @@ class SegmentationTask(Task):
         full = evaluate_segmenter(model, loader, self.num_classes, run.device, self.classes, run.info, cfg.eval_mode, cfg.crop_size,
                                   cfg.eval_stride, tuple(cfg.eval_scales), cfg.eval_flip, cfg.ignore_index, run.amp)
         self.last_full = full
-        return {k: v for k, v in full.items() if k != "per_class"}
+        return {k: v for k, v in full.items() if k not in ("per_class", "confusion")}
 
     def param_groups(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
         return dense_param_groups(model, cfg)
