@@ -262,3 +262,16 @@ def test_demo_scenes_are_deterministic_and_consistent(tmp_path: Path) -> None:
     stamp = (a / "demo_manifest.json").stat().st_mtime_ns
     write_dense_demo(tmp_path / "a", size=64, counts=counts)
     assert (a / "demo_manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_foreground_only_merges_classes(tmp_path: Path) -> None:
+    lab = np.zeros((24, 32), np.uint8)
+    lab[:, 8:] = 1
+    lab[:, 16:] = 3
+    lab[:, 24:] = 4
+    _seg_folder(tmp_path, [lab])
+    ds = SegmentationDataset.ade20k(tmp_path, "training", num_classes=2, foreground_only=True)
+    _, label = ds[0]
+    assert (label[:, :8] == 255).all() and (label[:, 8:16] == 0).all() and (label[:, 16:] == 1).all()
+    with pytest.raises(DataError, match="2 classes"):
+        SegmentationDataset.ade20k(tmp_path, "training", num_classes=3, foreground_only=True)

@@ -64,11 +64,12 @@ class SegmentationDataset:
         transform: ``(PIL image, uint8 label array) -> (image, label)``.
         reduce_zero_label: ADE20K convention (0 = ignore, k -> k - 1).
         classes: class names (length ``num_classes``).
+        foreground_only: merge every class but 0 into class 1 (binary segmentation; ``num_classes`` 2).
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str]], num_classes: int, transform: Callable | None = None,
                  reduce_zero_label: bool = False, ignore_index: int = 255, strict: bool = False,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, foreground_only: bool = False) -> None:
         if not pairs:
             raise DataError("the segmentation data set has no image/label pairs")
         if classes is not None and len(classes) != num_classes:
@@ -79,6 +80,9 @@ class SegmentationDataset:
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
         self.strict = strict
+        self.foreground_only = foreground_only
+        if foreground_only and num_classes != 2:
+            raise DataError(f"foreground-only segmentation has 2 classes (background, foreground), not {num_classes}")
         self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
 
     @classmethod
@@ -139,6 +143,8 @@ class SegmentationDataset:
             label = np.where(label == 0, 256, label) - 1
             label[label == 254] = 255
             label[label == 255] = self.ignore_index
+        if self.foreground_only:
+            label = np.where((label != self.ignore_index) & (label > 0), 1, label)
         return label
 
     def __getitem__(self, index: int) -> tuple[Any, Any] | None:

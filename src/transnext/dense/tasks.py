@@ -264,10 +264,13 @@ def segmentation_dataset(cfg: Any, split: str, train: bool) -> Any:
         raise ValueError("how many classes? pass --num-classes N (ADE20K: 150) or --class-names FILE")
     return SegmentationDataset.from_folders(
         root / "images" / split, root / "annotations" / split, num_classes, strict=cfg.strict_data, what=f"{split} split",
-        transform=tf, reduce_zero_label=cfg.data_format == "ade20k", ignore_index=cfg.ignore_index, classes=classes)
+        transform=tf, reduce_zero_label=cfg.data_format == "ade20k", ignore_index=cfg.ignore_index, classes=classes,
+        foreground_only=cfg.foreground_only)
 
 
 def _class_names(cfg: Any) -> list[str] | None:
+    if cfg.foreground_only:
+        return ["background", "foreground"]
     if cfg.dataset == "demo":
         from ..data.dense_demo import SEGMENT_DEMO_CLASSES
 
@@ -391,7 +394,8 @@ class SegmentationTask(Task):
     def checkpoint_extras(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = self.cfg
         return {"arch": self.arch, "classes": self.classes,
-                "data_cfg": {"format": cfg.data_format, "resize_scale": [int(s) for s in cfg.resize_scale], "crop_size": cfg.crop_size,
+                "data_cfg": {"format": cfg.data_format, "foreground_only": bool(cfg.foreground_only),
+                             "resize_scale": [int(s) for s in cfg.resize_scale], "crop_size": cfg.crop_size,
                              "ignore_index": cfg.ignore_index, "eval_mode": cfg.eval_mode, "eval_stride": cfg.eval_stride}}
 
     def format_metrics(self, metrics: dict[str, Any]) -> str:

@@ -185,7 +185,8 @@ def _seg_dataset(data_dir: str | Path, split: str, info: dict[str, Any], data_fo
     classes = info.get("classes")
     return SegmentationDataset.from_folders(root / "images" / split, root / "annotations" / split, info["arch"]["num_classes"],
                                             strict=strict, what=f"{split} split", transform=SegmentationEvalTransform(scale),
-                                            reduce_zero_label=fmt == "ade20k", classes=classes)
+                                            reduce_zero_label=fmt == "ade20k", classes=classes,
+                                            foreground_only=bool(info["data_cfg"].get("foreground_only")))
 
 
 def evaluate_segmentation(checkpoint: str | Path, data_dir: str | Path, split: str, mode: str | None = None, stride: int | None = None,
@@ -327,7 +328,7 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
     _say(f"[4/4] predicting {num_predict} held-out images")
     images, _ = coco_split_paths(data, test_split)
     picks = sorted(images.glob("*.png"))[:num_predict]
-    preds = predict_detection(out / "best.pth", picks, out / "predictions")
+    preds = predict_detection(out / "best.pth", picks, out / "predictions", score_thresh=0.15)  # a short run scores low
     total = time.perf_counter() - t0
     m = res["metrics"]
     result = {
