@@ -257,7 +257,7 @@ def _seg_flags(root: Path, out: Path, **extra) -> list[str]:
              "--output", str(out), "--model-kwargs", json.dumps(trunk), "--img-size", "64", "--drop-path", "0.1",
              "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--lr", "1e-3", "--crop-size", "64",
              "--resize-scale", "64", "64", "--channels", "16", "--aux-channels", "8", "--threads", "1", "--deterministic",
-             "--log-every", "1"]
+             "--log-every", "1", "--no-foreground-only"]
     for k, v in extra.items():
         flags += ["--" + k.replace("_", "-"), str(v)]
     return flags
@@ -300,7 +300,7 @@ def test_segment_resume_is_exact(demo_root: Path, tmp_path: Path, one_thread) ->
     trunk = {k: v for k, v in TRUNK.items() if k not in ("img_size", "drop_path_rate")}
     opts = dict(dataset="folder", data_dir=str(demo_root), train_split="train", val_split="val", num_classes=11, model_kwargs=trunk,
                 img_size=64, drop_path=0.1, epochs=2, batch_size=4, num_workers=0, progress=False, lr=1e-3, crop_size=64,
-                resize_scale=(64, 64), channels=16, aux_channels=8, deterministic=True, seed=3)
+                resize_scale=(64, 64), channels=16, aux_channels=8, deterministic=True, seed=3, foreground_only=False)
 
     class StopAt(Callback):
         def on_step_end(self, run, loss):
