@@ -32,7 +32,15 @@ def test_info_json_robustness_and_filter(capsys) -> None:
     assert [r["name"] for r in rows] == ["transnext_small.in1k", "transnext_small.in1k_384"]
     assert rows[0]["robustness"] == {"imagenet_a": 47.1, "imagenet_r": 52.5, "imagenet_sketch": 39.7,
                                      "imagenet_v2": 74.8, "imagenet_c_mce": 43.9}
-    assert rows[1]["robustness"] == {"imagenet_a": 58.3} and rows[1]["gflops"] == 32.1
+    # the 384 fine-tune: every figure the reference publishes for it (it publishes no ImageNet-C mCE)
+    assert rows[1]["robustness"] == {"imagenet_a": 58.3, "imagenet_r": 56.4, "imagenet_sketch": 43.2, "imagenet_v2": 76.8}
+    assert rows[1]["gflops"] == 32.1
+
+
+def test_info_robustness_of_the_384_models(capsys) -> None:
+    assert main(["info", "transnext_base.in1k_384", "--robustness", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["robustness"] == {"imagenet_a": 61.6, "imagenet_r": 57.7, "imagenet_sketch": 44.7, "imagenet_v2": 77.0}
 
 
 def test_info_measure_markdown(capsys) -> None:
@@ -91,3 +99,46 @@ def test_convert_bad_input_file(tmp_path: Path, capsys, content: bytes) -> None:
     assert "transnext convert: error:" in err and "bad.pth" in err
     assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_debug() -> None:
+    """``--debug`` (tracebacks instead of one-line errors) is accepted by every subcommand."""
+    import argparse
+
+    from transnext.cli.main import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    missing = [name for name, p in sub.choices.items() if "--debug" not in p._option_string_actions]
+    assert missing == []
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
+    # without --debug: one line and exit status 1; with it: the exception itself
+    assert main(["info", "transnext_smal"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown model 'transnext_smal'"):
+        main(["info", "transnext_smal", "--debug"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"), "--debug"])
+
+
+def test_distribution_name_is_not_the_unrelated_transnext() -> None:
+    """pyproject, the version lookup and the install instructions use the same distribution name."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    repo = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    assert project["name"] == transnext.DIST_NAME == "transnext-pytorch"
+    assert any(dep.startswith("transnext-pytorch[") for dep in project["optional-dependencies"]["dev"])
+    assert project["scripts"]["transnext"] == "transnext.cli.main:main"  # the command and import name stay
+    readme = (repo / "README.md").read_text()
+    assert "pip install transnext-pytorch" in readme and "pip install -e ." in readme
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        assert transnext.__version__ == version("transnext-pytorch")
+    except PackageNotFoundError:  # a source tree on the path, not installed under that name
+        assert transnext.__version__ == "0+unknown"

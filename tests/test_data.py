@@ -160,17 +160,29 @@ def test_repeated_aug_sampler_under_ddp_shards():
 
 
 def test_demo_dataset():
-    train, val = demo_dataset("train"), demo_dataset("val")
+    train, val, test = demo_dataset("train"), demo_dataset("val"), demo_dataset("test")
     assert train.classes == ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
-    assert len(train) == 8257 and len(val) == 1459
-    counts = np.bincount(val.labels, minlength=10)
-    assert counts.min() > 100
+    # selection (val) is carved out of the 8,257 development images; the 1,459 test images stay held out
+    assert (len(train), len(val), len(test)) == (7430, 827, 1459) and len(train) + len(val) == 8257
+    assert np.bincount(val.labels, minlength=10).min() >= 60 and np.bincount(test.labels, minlength=10).min() > 100
     img, label = train[0]
     assert img.size == (28, 28) and img.mode == "RGB" and 0 <= label < 10
     train_h = {bytes(x.tobytes()) for x in train.images}
-    assert not any(bytes(x.tobytes()) in train_h for x in val.images), "val images leak into train"
-    with pytest.raises(DataError, match="splits 'train' and 'val'"):
-        demo_dataset("test")
+    val_h = {bytes(x.tobytes()) for x in val.images}
+    assert not any(bytes(x.tobytes()) in train_h or bytes(x.tobytes()) in val_h for x in test.images), "test images leak"
+    assert not train_h & val_h, "validation images leak into train"
+    assert np.array_equal(demo_dataset("val").images, val.images)  # the split is fixed
+    with pytest.raises(DataError, match="splits 'train', 'val', 'test'"):
+        demo_dataset("holdout")
+
+
+def test_pixel_nearest_neighbour_baseline():
+    from transnext.data.demo import nearest_neighbour_top1
+
+    train = (np.array([[[0, 0]], [[10, 10]], [[20, 0]]], np.uint8), np.array([0, 1, 2]))
+    test = (np.array([[[1, 1]], [[9, 12]], [[19, 1]], [[11, 9]]], np.uint8), np.array([0, 1, 1, 2]))
+    # nearest: 0, 1, 2, 1 -> two of four right
+    assert nearest_neighbour_top1(train, test, chunk=3) == 50.0
 
 
 def test_imagenet_class_list():
@@ -204,3 +216,22 @@ def test_train_transform_recipe():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_train_transform(32, auto_augment=None, re_prob=0.0)
+
+
+def test_one_source_for_constants():
+    """Normalisation, the evaluation crop rule and the stochastic-depth rates live in the registry only."""
+    import transnext.data.transforms as transforms
+    from transnext.engine import PRESETS, TrainConfig
+    from transnext.models import DROP_PATH_RATES, WEIGHTS, registry
+
+    assert transforms.eval_crop is registry.eval_crop
+    assert [registry.eval_crop(s) for s in (224, 256, 383, 384, 512)] == [
+        (0.875, "center"), (0.875, "center"), (0.875, "center"), (1.0, "squash"), (1.0, "squash")]
+    assert registry.eval_crop(384, 0.9) == (0.9, "center")
+    for w in WEIGHTS.values():  # the published records follow the same rule
+        assert (w.crop_pct, w.crop_mode) == registry.eval_crop(w.img_size)
+    cfg = TrainConfig(data_dir="x")
+    assert cfg.mean == transforms.IMAGENET_MEAN == registry.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+    assert cfg.std == transforms.IMAGENET_STD == registry.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert {k: PRESETS[k]["drop_path"] for k in ("micro", "tiny", "small", "base", "micro_aaaa")} == {
+        k.removeprefix("transnext_"): v for k, v in DROP_PATH_RATES.items()}

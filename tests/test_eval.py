@@ -193,7 +193,7 @@ def test_cli_eval_bad_checkpoints(tiny_ckpt, tmp_path):
     data = str(tiny_ckpt / "data")
     (tmp_path / "junk.pth").write_bytes(b"\x00junk" * 50)
     r = run_cli("eval", data, "--checkpoint", str(tmp_path / "junk.pth"))
-    assert r.returncode == 1 and "not a readable checkpoint" in r.stderr
+    assert r.returncode == 1 and "not a readable PyTorch checkpoint" in r.stderr
     r = run_cli("eval", data, "--checkpoint", str(tmp_path / "missing.pth"))
     assert r.returncode == 1 and "not found" in r.stderr
     from transnext.checkpoints import load_state_dict, save_state_dict
@@ -207,3 +207,137 @@ def test_cli_eval_bad_checkpoints(tiny_ckpt, tmp_path):
     assert r.returncode == 1 and "--checkpoint" in r.stderr
     r = run_cli("eval", str(tmp_path / "nowhere"), "--checkpoint", str(tiny_ckpt / "tiny.pth"))
     assert r.returncode == 1 and "evaluation folder not found" in r.stderr
+
+
+# ---------------------------------------------------------------------- never silently wrong
+def test_imagenet_v2_detected_from_the_layout_under_any_name(tmp_path):
+    root = tmp_path / "my_v2_copy"
+    for k in range(1000):
+        (root / str(k)).mkdir(parents=True)
+    for k in (2, 10, 100):  # as a plain folder: sorted names 0, 1, 10, 100, ... -> wrong classes
+        code_image(root / str(k) / "x.png", k, k)
+    with pytest.warns(UserWarning, match="without images"):
+        r = bench(root, "auto")
+    assert r["benchmark"] == "imagenet-v2" and r["top1"] == 100.0 and "1000 class-index folders" in r["detection"]
+
+
+def test_numeric_folders_that_could_be_either_are_refused(tmp_path):
+    root = tmp_path / "numbers"
+    for k in (2, 10, 100):
+        code_image(root / str(k) / "x.png", k, k)
+    with pytest.raises(ValueError, match="3 folders named by numbers.*--benchmark imagenet-v2 or --benchmark folder"):
+        bench(root, "auto")
+    assert bench(root, "imagenet-v2")["top1"] == 100.0  # said explicitly, it runs
+    # a model without the 1000 ImageNet classes cannot be scored on ImageNet-V2: a plain folder
+    assert detect_benchmark(root, num_classes=3) == "folder"
+
+
+def test_imagenet_c_with_19_corruptions_detected_from_the_layout(tmp_path):
+    from transnext.engine.evaluate import IMAGENET_C_EXTRA
+
+    root = tmp_path / "corrupted"
+    names = sorted(ALEXNET_ERRORS) + list(IMAGENET_C_EXTRA)
+    for i, c in enumerate(names):
+        code_image(root / c / "1" / WNIDS[7] / "x.png", 7 if i % 2 else 8, 7)  # every other one right
+    with pytest.warns(UserWarning, match="left out of the mCE: .*speckle_noise"):
+        r = bench(root, "auto")
+    assert r["benchmark"] == "imagenet-c" and len(r["corruptions"]) == 19 and r["n"] == 19
+    assert "19 corruption folder(s) (19 known" in r["detection"]
+    ces = [r["corruptions"][c]["mean_error"] / ALEXNET_ERRORS[c] for c in sorted(ALEXNET_ERRORS)]
+    assert r["mce"] == pytest.approx(sum(ces) / 15)
+    assert r["complete"] is False and r["missing_corruptions"] == [] and len(r["incomplete_corruptions"]) == 15
+    md = markdown_table([r])
+    assert " (incomplete) |" in md and "fewer than 5 severities for brightness" in md
+
+
+@pytest.mark.parametrize("kind", ["imagenet-a", "imagenet-r"])
+def test_imagenet_a_r_detected_from_their_class_sets(tmp_path, kind):
+    subset = robustness_subset_wnids(kind)
+    root = tmp_path / "some_benchmark"
+    for w in subset:
+        (root / w).mkdir(parents=True)
+    outside = next(i for i, w in enumerate(WNIDS) if w not in subset)
+    code_image(root / subset[0] / "a.png", outside, WNIDS.index(subset[0]))  # right only over the 200 classes
+    with pytest.warns(UserWarning, match="without images"):
+        r = bench(root, "auto")
+    assert r["benchmark"] == kind and r["top1"] == 100.0 and "200-class set" in r["detection"]
+
+
+def test_wnids_inside_a_200_class_set_are_refused(tmp_path):
+    r_set = robustness_subset_wnids("imagenet-r")
+    root = tmp_path / "few_classes"
+    for w in r_set[:3]:
+        code_image(root / w / "a.png", WNIDS.index(w), 0)
+    with pytest.raises(ValueError, match="belong to the 200-class set of .*imagenet-r.*--benchmark folder"):
+        bench(root, "auto")
+    assert bench(root, "folder")["top1"] == 100.0
+
+
+def test_relative_mce_and_incomplete_marking(tmp_path):
+    from transnext.engine.evaluate import ALEXNET_CLEAN_ERROR
+
+    root = tmp_path / "imagenet-c"
+    w = WNIDS[7]
+    for (c, s), imgs in {("fog", 1): [(7, 7), (1, 1)], ("fog", 2): [(1, 1), (2, 2)], ("snow", 1): [(7, 7), (7, 7)],
+                         ("snow", 2): [(7, 7), (3, 3)]}.items():
+        for i, (k1, k2) in enumerate(imgs):
+            code_image(root / c / str(s) / w / f"{i}.png", k1, k2)
+    tf = build_eval_transform(32, crop_pct=1.0, mean=MEAN, std=STD)
+    r = run_benchmark(CodeModel(), root, "auto", tf, batch_size=4, num_workers=0, clean_top1=80.0)
+    # fog: mean error 75, snow 25; clean error 20
+    rel_fog = (75 - 20) / (100 * (ALEXNET_ERRORS["fog"] - ALEXNET_CLEAN_ERROR)) * 100
+    rel_snow = (25 - 20) / (100 * (ALEXNET_ERRORS["snow"] - ALEXNET_CLEAN_ERROR)) * 100
+    assert r["corruptions"]["fog"]["relative_ce"] == pytest.approx(rel_fog)
+    assert r["relative_mce"] == pytest.approx((rel_fog + rel_snow) / 2) and r["clean_top1"] == 80.0
+    md = markdown_table([r])
+    row = next(line for line in md.splitlines() if line.startswith("| imagenet-c |"))
+    assert f"| {r['mce']:.2f} (incomplete) | {r['relative_mce']:.2f} (incomplete) |" in row
+    assert "13 of 15 corruptions missing" in md and "fewer than 5 severities for fog, snow" in md
+
+
+def test_imagenet_c_keeps_its_own_protocol():
+    from PIL import Image
+
+    from transnext.engine.evaluate import benchmark_transform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
+    cfg = dict(img_size=384, crop_pct=None, interpolation="bicubic", mean=list(MEAN), std=list(STD))
+    tf_c, desc_c = benchmark_transform("imagenet-c", cfg)
+    tf_m, desc_m = benchmark_transform("imagenet-a", cfg)
+    x = tf_c(img)
+    want = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(
+        STD)[:, None, None]
+    torch.testing.assert_close(x, want)  # pixels untouched: no resize, the crop keeps all 224 x 224
+    assert desc_c == "ImageNet-C protocol: centre crop 224, no resize"
+    assert tf_m(img).shape == (3, 384, 384) and desc_m == "resize to 384x384 (bicubic)"
+    assert benchmark_transform("imagenet-c", cfg, "model")[0](img).shape == (3, 384, 384)
+    cfg224 = dict(cfg, img_size=224)
+    assert benchmark_transform("folder", cfg224)[1] == "resize short side to 256 (bicubic), centre crop 224"
+
+
+def test_cli_eval_says_what_it_detected_and_uses_the_c_protocol(tmp_path):
+    ck = tmp_path / "in1k.pth"
+    save_tiny_checkpoint(ck, num_classes=1000, img_size=48)
+    c_root = tmp_path / "c_data"
+    code_image(c_root / "fog" / "1" / WNIDS[3] / "a.png", 3, 3)
+    sketch = tmp_path / "sketch"
+    code_image(sketch / WNIDS[3] / "a.png", 3, 3)
+    out = tmp_path / "r.json"
+    r = run_cli("eval", str(c_root), str(sketch), "--checkpoint", str(ck), "--num-workers", "0", "--no-progress",
+                "--clean-top1", "70", "--output", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{c_root}: imagenet-c (from the layout: 1 corruption folder(s)" in r.stderr
+    assert "transform: ImageNet-C protocol: centre crop 224, no resize" in r.stderr
+    sketch_line = f"{sketch}: imagenet-sketch (from the folder name 'sketch'); transform: resize short side to 48 (bicubic), centre crop 48"
+    assert sketch_line in r.stderr
+    res = {x["benchmark"]: x for x in json.loads(out.read_text())["results"]}
+    assert res["imagenet-c"]["transform"].startswith("ImageNet-C protocol") and res["imagenet-c"]["relative_mce"] is not None
+    assert res["imagenet-sketch"]["detection"] == "from the folder name 'sketch'"
+    # an ambiguous folder stops the command before anything runs, naming --benchmark
+    numbers = tmp_path / "numbers"
+    code_image(numbers / "5" / "a.png", 5, 5)
+    r = run_cli("eval", str(numbers), "--checkpoint", str(ck), "--num-workers", "0", "--no-progress")
+    assert r.returncode == 1 and "--benchmark imagenet-v2 or --benchmark folder" in r.stderr
+    r = run_cli("eval", str(numbers), "--benchmark", "imagenet-v2", "--checkpoint", str(ck), "--num-workers", "0", "--no-progress")
+    assert r.returncode == 0 and "imagenet-v2 (given)" in r.stderr

@@ -252,7 +252,7 @@ def test_corrupt_training_images_counted_or_strict(tmp_path):
 
 def test_resume_errors(data, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         train(cfg_for(data, tmp_path / "o", resume=str(tmp_path / "junk.pth")))
     with pytest.raises(FileNotFoundError, match="resume from not found"):
         train(cfg_for(data, tmp_path / "o", resume=str(tmp_path / "none.pth")))

@@ -16,9 +16,22 @@ from .models import (
     list_pretrained,
 )
 
-__version__ = "0.1.0"
+DIST_NAME = "transnext-pytorch"  # the distribution (pip) name; the import name is `transnext`
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DIST_NAME)
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
+    "DIST_NAME",
     "VARIANTS",
     "WEIGHTS",
     "CheckpointError",

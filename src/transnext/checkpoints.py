@@ -37,6 +37,7 @@ __all__ = [
     "download_weights",
     "load_checkpoint",
     "load_state_dict",
+    "safe_torch_load",
     "save_state_dict",
 ]
 
@@ -44,7 +45,8 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
 # Non-persistent tables some exports carry; they are recomputed from the input size.
 _SIZE_TABLES = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
-# Plain containers of training metadata that are safe to rebuild (no code runs for them).
+# Plain containers of training metadata that are safe to rebuild (no code runs for them); NumPy
+# scalars are added when NumPy is installed (see safe_torch_load).
 _SAFE_GLOBALS = (argparse.Namespace,)
 
 
@@ -116,38 +118,44 @@ def _refusal(path: Path, err: Exception) -> CheckpointError:
     )
 
 
-def _torch_load(path: Path, map_location: str | torch.device) -> Any:
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:  # pragma: no cover - torch < 2.5
-        return torch.load(path, map_location=map_location, weights_only=True)
-    with safe_globals(list(_SAFE_GLOBALS)):
-        return torch.load(path, map_location=map_location, weights_only=True)
+def _numpy_safe_globals() -> list[Any]:
+    """NumPy scalars (e.g. a best accuracy saved as ``np.float64``): rebuilt from a dtype and raw bytes."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional for the core
+        return []
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16, np.float32,
+                                          np.float64)]
+    return [scalar, np.dtype, *dtypes]
 
 
-def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Read the tensors of a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file, safely.
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Any:
+    """The one reader of ``.pth`` files: ``torch.load(weights_only=True)`` with a small allow-list.
+
+    Tensors, numbers, strings and containers load as usual; so do the plain metadata objects
+    published training checkpoints carry (``argparse.Namespace`` of the training arguments, NumPy
+    scalars), which are rebuilt without running code. Anything else is refused before any of
+    it is executed. ``what`` names the file in errors ("checkpoint to resume from", ...).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is empty, truncated, corrupt, holds no state dict, or needs
-            arbitrary pickled objects (refused).
+        CheckpointError: the file is empty, truncated or corrupt, or needs arbitrary pickled objects.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
-
-        try:
-            return _strip_prefix(load_file(str(path), device=str(map_location)))
-        except Exception as e:  # SafetensorError, OSError, ValueError, ... depending on the damage
-            raise CheckpointError(
-                f"{path}: not a readable safetensors file (truncated or corrupt?): {type(e).__name__}: {e}"
-            ) from e
     try:
-        obj = _torch_load(path, map_location)
+        safe_globals = getattr(torch.serialization, "safe_globals", None)
+        if safe_globals is None:  # pragma: no cover - torch < 2.5
+            return torch.load(path, map_location=map_location, weights_only=True)
+        with safe_globals([*_SAFE_GLOBALS, *_numpy_safe_globals()]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise _refusal(path, e) from e
@@ -162,7 +170,31 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {detail}"
         ) from e
-    return _unwrap(obj, str(path))
+
+
+def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Read the tensors of a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file, safely.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is empty, truncated, corrupt, holds no state dict, or needs
+            arbitrary pickled objects (refused).
+    """
+    path = Path(path)
+    if not _is_safetensors(path):
+        return _unwrap(safe_torch_load(path, map_location=map_location), str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    from safetensors.torch import load_file
+
+    try:
+        return _strip_prefix(load_file(str(path), device=str(map_location)))
+    except Exception as e:  # SafetensorError, OSError, ValueError, ... depending on the damage
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _head_size(model: nn.Module) -> tuple[int, ...] | None:
@@ -316,7 +348,7 @@ def download_weights(weights: Weights, cache_dir: str | os.PathLike | None = Non
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "pretrained=True needs huggingface_hub: pip install 'transnext[hub]' "
+            "pretrained=True needs huggingface_hub: pip install 'transnext-pytorch[hub]' "
             f"(or download {weights.url} yourself and pass checkpoint_path=)"
         ) from e
     try:

@@ -27,10 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .. import DIST_NAME, __version__
 
     parser = argparse.ArgumentParser(prog="transnext", description="TransNeXt models: train, evaluate, predict, benchmark.")
-    parser.add_argument("--version", action="version", version=f"transnext {__version__}")
+    parser.add_argument("--version", action="version", version=f"transnext {__version__} ({DIST_NAME})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -5,18 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["build_eval_transform", "build_train_transform", "eval_crop"]
+# One source for the normalisation constants and the evaluation crop rule: the weights registry.
+from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, eval_crop
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def eval_crop(img_size: int, crop_pct: float | None = None) -> tuple[float, str]:
-    """Published evaluation rule: below 384 resize the short side to size/0.875 and centre-crop;
-    at 384 and above resize straight to size x size."""
-    if crop_pct is None:
-        return (0.875, "center") if img_size < 384 else (1.0, "squash")
-    return crop_pct, "center"
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_eval_transform", "build_train_transform", "eval_crop", "imagenet_c_transform"]
 
 
 def build_train_transform(
@@ -56,3 +48,13 @@ def build_eval_transform(
         input_size=img_size, is_training=False, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
         crop_pct=pct, crop_mode=crop_mode or mode,
     )
+
+
+def imagenet_c_transform(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, size: int = 224
+) -> Callable[[Any], Any]:
+    """ImageNet-C's evaluation protocol: its images are already 224 x 224, so centre-crop to ``size``
+    (a no-op on them) and normalise, without the resize of the ImageNet transform."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.CenterCrop(size), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])

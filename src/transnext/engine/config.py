@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_config_file", "resolve_config", "save_config"]
 
 
@@ -62,8 +64,8 @@ class TrainConfig:
     hflip: float = 0.5
     color_jitter: float = 0.4
     interpolation: str = "bicubic"
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0

@@ -51,7 +51,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     if path.endswith(".safetensors"):
         head = load_state_dict(path).get("head.weight")
         return {"head_classes": int(head.shape[0])} if head is not None else {}
-    from .state import safe_torch_load
+    from ..checkpoints import safe_torch_load
 
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models.registry import DROP_PATH_RATES
+
 __all__ = ["DEMO_ARCH", "PRESETS", "get_preset", "list_presets", "preset_for_model"]
 
 # 300-epoch ImageNet-1K training from scratch (SPEC section 7).
@@ -32,11 +34,9 @@ DEMO_ARCH: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "micro": dict(_IMAGENET, model="transnext_micro", drop_path=0.15),
-    "tiny": dict(_IMAGENET, model="transnext_tiny", drop_path=0.25),
-    "small": dict(_IMAGENET, model="transnext_small", drop_path=0.45),
-    "base": dict(_IMAGENET, model="transnext_base", drop_path=0.6),
-    "micro_aaaa": dict(_IMAGENET, model="transnext_micro_aaaa", img_size=256, drop_path=0.15),
+    # stochastic-depth rates of the 224/256 runs: the registry's table (one source)
+    **{v: dict(_IMAGENET, model=f"transnext_{v}", drop_path=DROP_PATH_RATES[f"transnext_{v}"]) for v in ("micro", "tiny", "small", "base")},
+    "micro_aaaa": dict(_IMAGENET, model="transnext_micro_aaaa", img_size=256, drop_path=DROP_PATH_RATES["transnext_micro_aaaa"]),
     "small_384": dict(_FINETUNE_384, model="transnext_small", drop_path=0.7),
     "base_384": dict(_FINETUNE_384, model="transnext_base", drop_path=0.8),
     "demo": dict(

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import CheckpointError, atomic_write
+from ..checkpoints import CheckpointError, atomic_write, safe_torch_load
 
-__all__ = ["capture_rng_state", "load_training_checkpoint", "restore_rng_state", "safe_torch_load", "save_training_checkpoint"]
+__all__ = ["capture_rng_state", "load_training_checkpoint", "restore_rng_state", "save_training_checkpoint"]
 
 FORMAT = "transnext-train-v1"
 
@@ -55,30 +55,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_training_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     state = dict(state, format=FORMAT)
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with one clear error per failure kind."""
-    import pickle
-    import zipfile
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the {what} file is empty")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0][:200]
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from e
-        raise CheckpointError(
-            f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain data, and loading "
-            f"them could run arbitrary code (re-save only the weights): {first}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

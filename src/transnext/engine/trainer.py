@@ -186,6 +186,7 @@ class TrainRun:
         self._stop: _StopFlag | None = None
         self._stop_requested = False
         self._step_times: list[float] = []
+        self._ready = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -287,6 +288,7 @@ class TrainRun:
                 "total_batch": self.total_batch, "device": str(self.device), "amp": self.amp,
                 "params": sum(p.numel() for p in self.model.parameters()), "resumed": ck is not None,
             })
+        self._ready = True
 
     def _read_resume_state(self) -> dict[str, Any] | None:
         cfg = self.cfg
@@ -390,7 +392,7 @@ class TrainRun:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         """Set up (unless done), train to the end, return :meth:`summary`."""
-        if not hasattr(self, "model"):
+        if not self._ready:
             self.setup()
         self._emit("on_run_start")
         with _StopFlag() as stop:

@@ -13,10 +13,22 @@ from typing import Any
 
 from .transnext import TransNeXt
 
-__all__ = ["VARIANTS", "WEIGHTS", "Weights", "create_model", "get_weights", "list_models", "list_pretrained"]
+__all__ = ["VARIANTS", "WEIGHTS", "Weights", "create_model", "eval_crop", "get_weights", "list_models", "list_pretrained"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Published evaluation crop: below 384 px resize the short side to size / 0.875 and centre-crop;
+# at 384 px and above resize straight to size x size ("squash").
+DEFAULT_CROP_PCT = 0.875
+SQUASH_FROM_SIZE = 384
+
+
+def eval_crop(img_size: int, crop_pct: float | None = None) -> tuple[float, str]:
+    """``(crop_pct, crop_mode)`` of the published evaluation rule at ``img_size`` (or a given ``crop_pct``)."""
+    if crop_pct is None:
+        return (1.0, "squash") if img_size >= SQUASH_FROM_SIZE else (DEFAULT_CROP_PCT, "center")
+    return crop_pct, "center"
 
 _COMMON = dict(mlp_ratios=(8, 8, 4, 4), qkv_bias=True)
 
@@ -63,7 +75,7 @@ class Weights:
     top1: float
     params_m: float
     gflops: float
-    crop_pct: float = 0.875
+    crop_pct: float = DEFAULT_CROP_PCT
     crop_mode: str = "center"
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -114,12 +126,14 @@ class Weights:
 
 def _w(variant: str, tag: str, hub: str, fname: str, size: int, pre: int, top1: float, params: float,
        gflops: float, **kw: Any) -> Weights:
-    crop = dict(crop_pct=1.0, crop_mode="squash") if size >= 384 else {}
-    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, top1, params, gflops, **crop, **kw)
+    crop_pct, crop_mode = eval_crop(size)
+    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, top1, params, gflops, crop_pct, crop_mode, **kw)
 
 
-def _robust(a: float, r: float, sketch: float, v2: float, c: float) -> dict[str, float]:
-    return {"imagenet_a": a, "imagenet_r": r, "imagenet_sketch": sketch, "imagenet_v2": v2, "imagenet_c_mce": c}
+def _robust(a: float, r: float, sketch: float, v2: float, c: float | None = None) -> dict[str, float]:
+    """Published robustness figures (no ImageNet-C mCE is published for the 384 fine-tunes)."""
+    out = {"imagenet_a": a, "imagenet_r": r, "imagenet_sketch": sketch, "imagenet_v2": v2}
+    return out if c is None else {**out, "imagenet_c_mce": c}
 
 
 WEIGHTS: dict[str, Weights] = {
@@ -134,9 +148,9 @@ WEIGHTS: dict[str, Weights] = {
         _w("transnext_base", "in1k", "transnext-base-224-1k", "transnext_base_224_1k.pth", 224, 224, 84.8, 89.7, 18.4,
            robustness=_robust(50.6, 53.9, 41.4, 75.1, 43.5)),
         _w("transnext_small", "in1k_384", "transnext-small-384-1k-ft-1k", "transnext_small_384_1k_ft_1k.pth",
-           384, 224, 86.0, 49.7, 32.1, robustness={"imagenet_a": 58.3}),
+           384, 224, 86.0, 49.7, 32.1, robustness=_robust(58.3, 56.4, 43.2, 76.8)),
         _w("transnext_base", "in1k_384", "transnext-base-384-1k-ft-1k", "transnext_base_384_1k_ft_1k.pth",
-           384, 224, 86.2, 89.7, 56.3, robustness={"imagenet_a": 61.6}),
+           384, 224, 86.2, 89.7, 56.3, robustness=_robust(61.6, 57.7, 44.7, 77.0)),
         _w("transnext_micro_aaaa", "in1k", "transnext-micro-AAAA-256-1k", "transnext_micro_AAAA_256_1k.pth",
            256, 256, 82.6, 13.1, 3.3),
     )
