@@ -19,9 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train or fine-tune a model (published recipe presets)"),
     "eval": ("evaluate", "evaluate a model on an image folder or robustness benchmark"),
     "predict": ("predict", "top-k predictions for images or folders"),
-    "benchmark": ("benchmark", "speed and memory of attention backends, side by side"),
+    "benchmark": ("benchmark", "speed and memory of attention backends and peer backbones, side by side"),
     "demo": ("demo", "train, evaluate and predict on the embedded demo data set"),
     "visualize": ("visualize", "see what a model sees: effective receptive field, attention maps, class activation maps"),
+    "detect": ("detect", "object detection / instance segmentation: train, eval, predict, demo"),
+    "segment": ("segment", "semantic segmentation (UPerNet): train, eval, predict, demo"),
 }
 
 

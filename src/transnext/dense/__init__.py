@@ -1,13 +1,38 @@
-"""Dense prediction: multi-scale backbones with the reference's dense-task settings.
+"""Dense prediction: backbones, detectors and segmenters with the reference's dense-task settings.
 
 * :class:`TransNeXtBackbone` / :func:`create_backbone`: four NCHW maps (strides 4-32), with
   ``out_channels`` and ``feature_info``;
 * :class:`TransNeXtFPN` / :func:`create_fpn_backbone`: the same plus torchvision's FPN, with the
   interface of torchvision's ``BackboneWithFPN`` (for its detectors);
+* :func:`maskrcnn_transnext`, :func:`retinanet_transnext`, :func:`fcos_transnext`: torchvision
+  detectors on a TransNeXt + FPN trunk;
+* :func:`upernet_transnext`: UPerNet (PPM + FPN fusion, auxiliary FCN head) as in the reference;
 * segmentation_models_pytorch: ``smp.UPerNet("tu-transnext_tiny", ...)`` works through the timm
   registration; :func:`transnext.integrations.smp.register_encoders` adds native encoder names.
+
+Training recipes (:data:`transnext.dense.recipes.DENSE_RECIPES`), metrics
+(:mod:`transnext.dense.metrics`) and inference modes (:mod:`transnext.dense.inference`) live in
+the submodules; torchvision is imported only when a detector is built.
 """
 
 from .backbone import DENSE_PRESETS, DensePreset, TransNeXtBackbone, TransNeXtFPN, create_backbone, create_fpn_backbone
+from .detection import build_trunk, fcos_transnext, maskrcnn_transnext, retinanet_transnext
+from .upernet import FCNHead, UPerHead, UPerNet, segmentation_loss, upernet_transnext
 
-__all__ = ["DENSE_PRESETS", "DensePreset", "TransNeXtBackbone", "TransNeXtFPN", "create_backbone", "create_fpn_backbone"]
+__all__ = [
+    "DENSE_PRESETS",
+    "DensePreset",
+    "FCNHead",
+    "TransNeXtBackbone",
+    "TransNeXtFPN",
+    "UPerHead",
+    "UPerNet",
+    "build_trunk",
+    "create_backbone",
+    "create_fpn_backbone",
+    "fcos_transnext",
+    "maskrcnn_transnext",
+    "retinanet_transnext",
+    "segmentation_loss",
+    "upernet_transnext",
+]

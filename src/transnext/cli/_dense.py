@@ -1,0 +1,74 @@
+"""Pieces shared by ``transnext detect`` and ``transnext segment``: the ``train`` action and common flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _config_cls(task: str) -> Any:
+    from ..dense.config import DetectionConfig, SegmentationConfig
+
+    return DetectionConfig if task == "detect" else SegmentationConfig
+
+
+def add_common_flags(p: argparse.ArgumentParser, amp: bool = True, strict: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    if amp:
+        p.add_argument("--amp", default=None, choices=("auto", "none", "bf16", "fp16"), help="autocast for inference (default: none)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if strict:
+        p.add_argument("--strict-data", action="store_true",
+                       help="stop at the first unusable annotation, image or label map instead of skipping and counting it")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors")
+
+
+def add_train_parser(sub: Any, task: str) -> None:
+    from ..dense.config import DENSE_RECIPES, PUBLISHED
+    from ..engine.config import add_config_arguments
+
+    recipes = [k for k in DENSE_RECIPES if (k.startswith("mask_rcnn") or k == "detect_demo") == (task == "detect")]
+    p = sub.add_parser("train", help="train with a reference recipe or any settings (shared engine: resume, DDP, AMP, curves)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.epilog = ("Precedence: recipe < --config file < flags. Recipes: "
+                + "; ".join(f"{k}" + (f" ({PUBLISHED[k]})" if k in PUBLISHED else "") for k in recipes)
+                + ". Multi-process: torchrun --nproc-per-node N -m transnext " + task + " train ... Resume: --resume auto.")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--preset", default=None, metavar="NAME", help=f"reference recipe ({', '.join(recipes)})")
+    g.add_argument("--config", default=None, metavar="FILE", help="YAML, TOML or JSON file of options")
+    g.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    g.add_argument("--callback", action="append", default=[], metavar="MODULE:NAME[:JSON]", help="training callback (repeatable)")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors")
+    add_config_arguments(p.add_argument_group("options (each overrides the recipe and the config file)"), _config_cls(task))
+
+
+def run_train(args: argparse.Namespace, task: str) -> int:
+    import dataclasses
+
+    from ..dense.config import resolve_dense_config
+    from ..dense.train import train_detector, train_segmenter
+    from ..engine.trainer import TrainingInterrupted, load_callback
+
+    cls = _config_cls(task)
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and k != "preset"}
+    cfg = resolve_dense_config(cls, args.preset, args.config, overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    callbacks = [load_callback(spec) for spec in args.callback]
+    try:
+        summary = (train_detector if task == "detect" else train_segmenter)(cfg, callbacks)
+    except TrainingInterrupted as e:
+        print(f"training interrupted; resumable checkpoint saved: {e.checkpoint}\n"
+              f"continue with: transnext {task} train --config {cfg.output}/config.yaml --resume auto", file=sys.stderr)
+        return 130
+    best = summary["best_metrics"]
+    key = summary["best_metric"]
+    msg = f"done in {summary['time_s']:.0f} s: {summary['global_step']} steps"
+    if key in best:
+        msg += f"; best val {key} {best[key]:.2f} (step {best.get('global_step')})"
+    print(msg + f"; checkpoints in {summary['output']}")
+    return 0

@@ -1,0 +1,213 @@
+"""Training options of the dense tasks and the reference recipes as presets.
+
+:class:`DetectionConfig` and :class:`SegmentationConfig` extend the shared
+:class:`~transnext.engine.config.TrainConfig` (run length, optimizer, schedule, AMP, DDP, output)
+with what a detector or a segmenter needs. :data:`DENSE_RECIPES` holds the reference recipes
+beside the numbers they produced, plus the two embedded-demo presets. Precedence, as for
+classification: recipe < config file (YAML/TOML/JSON) < command-line flags.
+
+Data layout (``--data-dir`` with ``--train-split`` / ``--val-split``):
+
+* detection (COCO format): images in ``<data-dir>/images/<split>/`` or ``<data-dir>/<split>/``,
+  annotations in ``<data-dir>/annotations/instances_<split>.json`` (COCO 2017:
+  ``--train-split train2017 --val-split val2017``);
+* segmentation: ``<data-dir>/images/<split>/`` + ``<data-dir>/annotations/<split>/`` (ADE20K:
+  ``--train-split training --val-split validation``; ``--data-format masks`` for label maps
+  that use 0..K-1 and 255 = ignore without ADE20K's zero reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.config import TrainConfig, load_config_file
+
+__all__ = [
+    "DENSE_RECIPES",
+    "DetectionConfig",
+    "SegmentationConfig",
+    "coco_split_paths",
+    "resolve_dense_config",
+]
+
+# Parameters without weight decay in the reference dense configs (mmcv custom_keys, decay_mult 0):
+# any parameter whose name contains one of these. Biases and BatchNorm weights of the heads keep
+# their decay there, and here.
+REFERENCE_NO_DECAY_KEYS = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature", "norm")
+
+
+@dataclass
+class _DenseFields(TrainConfig):
+    dense_preset: str = "mask_rcnn"  # backbone settings (transnext.dense.DENSE_PRESETS)
+    backbone_weights: str | None = None  # classification checkpoint for the trunk (--pretrained: published weights)
+    frozen_stages: int = -1
+    test_split: str | None = None  # held-out split the demos score best.pth on (never used for selection)
+    reference_no_decay: bool = True  # weight decay rule of the reference dense configs (else: no decay on 1-D params)
+    backbone_lr_mult: float = 1.0  # learning-rate scale of the trunk
+    layer_decay: float | None = None  # layer-wise lr decay over the trunk's group_matcher layers (None: off)
+    decay_milestones: tuple = (8, 11)  # sched="step": epochs after which the lr is multiplied by decay_rate
+    decay_rate: float = 0.1
+
+    def validate(self) -> None:
+        # "step" is run by transnext.dense.train.DenseTrainRun; the shared checks know the other schedules.
+        step = self.sched == "step"
+        if step:
+            self.sched = "cosine"
+        try:
+            super().validate()
+        finally:
+            if step:
+                self.sched = "step"
+
+
+@dataclass
+class DetectionConfig(_DenseFields):
+    detector: str = "mask_rcnn"  # "mask_rcnn", "retinanet" or "fcos"
+    min_size: tuple = (800,)  # shorter side; several values: one drawn per batch (multi-scale training)
+    max_size: int = 1333
+    fpn_channels: int = 256
+    anchor_sizes: tuple = ()  # one base anchor size per FPN level (empty: 32-512, the reference for 800 px images)
+    representation_size: int | None = None  # box head MLP width (None: torchvision's 1024)
+    mask_layers: tuple = ()  # mask head conv widths (empty: torchvision's 4 x 256)
+    detector_kwargs: dict = field(default_factory=dict)  # further torchvision detector arguments
+    box_score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+    def validate(self) -> None:
+        super().validate()
+        if self.detector not in ("mask_rcnn", "retinanet", "fcos"):
+            raise ValueError(f"detector must be mask_rcnn, retinanet or fcos, got {self.detector!r}")
+        if not self.min_size or min(self.min_size) < 32 or self.max_size < 32:
+            raise ValueError(f"min_size / max_size must be >= 32 pixels, got {self.min_size} / {self.max_size}")
+
+
+@dataclass
+class SegmentationConfig(_DenseFields):
+    dense_preset: str = "upernet"
+    data_format: str = "ade20k"  # "ade20k" (0 = ignore, k -> k-1) or "masks" (0..K-1, 255 = ignore)
+    ignore_index: int = 255
+    crop_size: int = 512
+    resize_scale: tuple = (2048, 512)  # keep-ratio resize target (long, short) before the crop
+    ratio_range: tuple = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    channels: int = 512  # UPerHead width
+    aux_head: bool = True
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    eval_mode: str = "whole"  # "whole" or "slide"
+    eval_stride: int = 341  # sliding-window stride (window = crop_size)
+    eval_scales: tuple = (1.0,)  # ratios for multi-scale testing (reference MS: 0.5 ... 1.75)
+    eval_flip: bool = False
+    foreground_only: bool = False  # merge every class but 0 into "foreground" (binary segmentation, 2 classes)
+    class_names: str | None = None  # a text file with one class name per line (default: <data-dir>/classes.txt if present)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data_format not in ("ade20k", "masks"):
+            raise ValueError(f"data_format must be 'ade20k' or 'masks', got {self.data_format!r}")
+        if self.eval_mode not in ("whole", "slide"):
+            raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
+        if len(self.resize_scale) != 2 or len(self.ratio_range) != 2:
+            raise ValueError("resize_scale and ratio_range take two numbers each")
+
+
+def coco_split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """``(image folder, annotation file)`` of ``split`` under ``data_dir`` (see the module docstring)."""
+    root = Path(data_dir)
+    images = root / "images" / split
+    if not images.is_dir():
+        images = root / split
+    return images, root / "annotations" / f"instances_{split}.json"
+
+
+# ---------------------------------------------------------------------- recipes
+# Settings that do not apply to dense tasks are neutralised so the shared defaults (ImageNet
+# augmentation) cannot leak in.
+_DENSE_COMMON: dict[str, Any] = dict(
+    dataset="folder", pretrain_size=224, pos_bias="interpolate", opt="adamw", opt_eps=1e-8, weight_decay=0.05,
+    clip_grad=None, aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=1, compile=False,
+    num_workers=4, total_batch_size=16,
+)
+
+# Mask R-CNN 1x (mmdet): 12 epochs, AdamW 1e-4 / wd 0.05, x0.1 after epochs 8 and 11, linear warm-up
+# over 500 iterations from 0.001 x lr, 2 images per GPU x 8 GPUs, resize to fit 1333x800, flip 0.5.
+_MASK_RCNN_1X: dict[str, Any] = dict(
+    _DENSE_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", img_size=800, min_size=(800,), max_size=1333,
+    hflip=0.5, batch_size=2, epochs=12, lr=1e-4, sched="step", decay_milestones=(8, 11), decay_rate=0.1,
+    sched_per_step=True, warmup_steps=500, warmup_lr=1e-7, min_lr=0.0, pretrained=True,
+    train_split="train2017", val_split="val2017",
+)
+
+# UPerNet 160k (mmseg): AdamW 6e-5 / wd 0.05, poly (power 1) to 0 over 160k iterations, linear
+# warm-up over 1,500 iterations from 1e-6 x lr, 2 images per GPU x 8 GPUs, 512x512 crops.
+_UPERNET_160K: dict[str, Any] = dict(
+    _DENSE_COMMON, dense_preset="upernet", img_size=512, crop_size=512, batch_size=2, max_steps=160_000, epochs=1,
+    lr=6e-5, sched="poly", poly_power=1.0, min_lr=0.0, warmup_steps=1500, warmup_lr=6e-11, hflip=0.5,
+    eval_every_steps=16_000, pretrained=True, data_format="ade20k", num_classes=150,
+    train_split="training", val_split="validation",
+)
+
+# Small trunk for the embedded demo scenes (128x128, 10 animal classes).
+DEMO_TRUNK: dict[str, Any] = dict(embed_dims=(24, 48, 96, 192), num_heads=(1, 2, 4, 8), depths=(1, 1, 2, 1), mlp_ratios=(4, 4, 4, 4))
+
+_DEMO_COMMON: dict[str, Any] = dict(
+    _DENSE_COMMON, dataset="demo", model="transnext_micro", model_kwargs=DEMO_TRUNK, img_size=128, pretrain_size=128,
+    drop_path=0.0, total_batch_size=None, opt="adamw", weight_decay=0.05, sched="cosine", warmup_steps=30, warmup_lr=1e-5,
+    min_lr=1e-5, clip_grad=5.0, amp="none", num_workers=1, threads=1, train_split="train", val_split="val",
+    test_split="test", log_every=10, reference_no_decay=False,
+)
+
+DENSE_RECIPES: dict[str, dict[str, Any]] = {
+    # name: (task, options, published result)
+    "mask_rcnn_1x_tiny": dict(_MASK_RCNN_1X, model="transnext_tiny"),
+    "mask_rcnn_1x_small": dict(_MASK_RCNN_1X, model="transnext_small"),
+    "mask_rcnn_1x_base": dict(_MASK_RCNN_1X, model="transnext_base"),
+    "upernet_160k_tiny": dict(_UPERNET_160K, model="transnext_tiny"),
+    "upernet_160k_small": dict(_UPERNET_160K, model="transnext_small"),
+    "upernet_160k_base": dict(_UPERNET_160K, model="transnext_base"),
+    "detect_demo": dict(
+        _DEMO_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", min_size=(128,), max_size=128, fpn_channels=64,
+        anchor_sizes=(16, 32, 64, 128, 256),  # the reference anchors, scaled to 128 px scenes
+        representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=3, lr=1e-3, hflip=0.5, output="runs/detect_demo",
+        detections_per_img=50,
+        detector_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
+                             rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),
+    ),
+    "segment_demo": dict(
+        # animals against background (foreground_only: the 10-way identity of the animals needs far more than a
+        # CPU budget of minutes); 64 px crops (largest class <= 75% of a crop, as the reference crops) of the
+        # scenes resized to 96-192 px
+        _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=2, foreground_only=True, crop_size=64,
+        resize_scale=(128, 128), ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=16, epochs=14, lr=5e-4,
+        output="runs/segment_demo",
+    ),
+}
+
+# What each reference recipe produced (ImageNet-1K pretrained backbones; SPEC section 1).
+PUBLISHED: dict[str, str] = {
+    "mask_rcnn_1x_tiny": "COCO val2017 box AP 49.9, mask AP 44.6",
+    "mask_rcnn_1x_small": "COCO val2017 box AP 51.1, mask AP 45.5",
+    "mask_rcnn_1x_base": "COCO val2017 box AP 51.7, mask AP 45.9",
+    "upernet_160k_tiny": "ADE20K val mIoU 51.1",
+    "upernet_160k_small": "ADE20K val mIoU 52.2",
+    "upernet_160k_base": "ADE20K val mIoU 53.0",
+}
+
+
+def resolve_dense_config(config_cls: type[TrainConfig], recipe: str | None = None, file: str | Path | None = None,
+                         overrides: dict[str, Any] | None = None) -> Any:
+    """Recipe < config file < explicit overrides, as a ``config_cls`` instance."""
+    file_opts = load_config_file(file) if file else {}
+    overrides = dict(overrides or {})
+    recipe = recipe or overrides.pop("preset", None) or file_opts.pop("preset", None)
+    base: dict[str, Any] = {}
+    if recipe is not None:
+        if recipe not in DENSE_RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; available: {', '.join(DENSE_RECIPES)}")
+        base = dict(DENSE_RECIPES[recipe])
+    merged = {**base, **file_opts, **overrides}
+    merged["preset"] = recipe
+    return config_cls.from_dict(merged)
