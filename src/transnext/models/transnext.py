@@ -42,6 +42,12 @@ def _pair(v: int | Sequence[int]) -> Size:
     return v
 
 
+def _fx_tracing() -> bool:
+    """True while torch.fx symbolically traces the model (proxies stand in for tensors and sizes)."""
+    symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)  # torch >= 2.5
+    return symbolic() if symbolic is not None else torch.fx._symbolic_trace.is_fx_tracing()
+
+
 def _is_tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
@@ -555,7 +561,7 @@ class TransNeXt(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: Tensor) -> None:
-        if torch.fx._symbolic_trace.is_fx_tracing():
+        if _fx_tracing():
             return  # FX traces with proxies: sizes are checked when the traced graph runs
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
@@ -595,7 +601,7 @@ class TransNeXt(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool (``global_pool='avg'``) and classify a feature map (B, C, H, W) or tokens (B, N, C)."""
         if self.global_pool == "avg":
-            tokens = not torch.fx._symbolic_trace.is_fx_tracing() and x.ndim == 3
+            tokens = not _fx_tracing() and x.ndim == 3
             x = x.mean(dim=1) if tokens else x.mean(dim=(2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
