@@ -67,6 +67,41 @@ def normalize_backward(grad: Tensor, x_hat: Tensor, norm: Tensor, out: Tensor | 
     return res.div_(norm.clamp_min(EPS))
 
 
+def scaled_query_backward(
+    dqs: Tensor, dq_hat: Tensor, q_hat: Tensor, qe: Tensor, factor: Tensor, length_scale: Tensor, need_mult: bool,
+    need_qe: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of ``qs = (q_hat + qe) * mult * length_scale`` (``factor = mult * length_scale``).
+
+    Adds ``dqs * factor`` into ``dq_hat`` (``dqs`` is scaled in place) and returns the gradients
+    of ``mult`` (h, 1, 1) and of the query embedding (h, 1, d), each None when not needed.
+    """
+    h, N = q_hat.shape[1], q_hat.shape[2]
+    d_mult = None
+    if need_mult:
+        per_query = (dqs * torch.add(q_hat, qe)).sum(-1)  # (B, h, N)
+        d_mult = (per_query * length_scale.to(dqs.dtype).view(1, 1, N)).sum((0, 2)).view(h, 1, 1)
+    dqs.mul_(factor)
+    d_qe = dqs.sum((0, 2)).unsqueeze(1) if need_qe else None
+    dq_hat.add_(dqs)
+    return d_mult, d_qe
+
+
+def window_input_grads(
+    dk_pad: Tensor | None, dv_pad: Tensor | None, k_pad: Tensor, k_norm: Tensor, size: tuple[int, int], r: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the raw keys and values (B, h, N, d) from those of their zero-padded maps."""
+    H, W = size
+    B, h, d = k_pad.shape[0], k_pad.shape[1], k_pad.shape[-1]
+    inner = (slice(None), slice(None), slice(r, r + H), slice(r, r + W))
+    dk = dv = None
+    if dk_pad is not None:
+        dk = normalize_backward(dk_pad[inner], k_pad[inner], k_norm).reshape(B, h, H * W, d)
+    if dv_pad is not None:
+        dv = dv_pad[inner].reshape(B, h, H * W, d)
+    return dk, dv
+
+
 # Inference runs big activations in chunks of at least this many tokens: small enough that the
 # transient buffers stay cache- and allocator-friendly (fresh multi-MB buffers cost page faults),
 # large enough that every matmul stays efficient.

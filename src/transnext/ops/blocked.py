@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import autocast_off, compute_dtype, normalize_backward, normalize_into
+from ._common import (
+    autocast_off,
+    compute_dtype,
+    normalize_backward,
+    normalize_into,
+    scaled_query_backward,
+    window_input_grads,
+)
 from .bias import SeparableBias, rows_from_table, table_grad_from_rows
 
 __all__ = ["BLOCK_ELEMENTS", "blocked_aggregated_attention", "block_rows"]
@@ -265,26 +272,12 @@ def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local
             del probs, d_logits
 
         # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
-        d_mult = None
-        if needs[6]:
-            per_query = (dqs * torch.add(q_hat, qe)).sum(-1)  # (B, h, N)
-            d_mult = (per_query * length_scale.to(dt).view(1, 1, N)).sum((0, 2)).view(h, 1, 1)
-            del per_query
-        dqs.mul_(factor)
-        d_qe = dqs.sum((0, 2)).unsqueeze(1) if needs[5] else None
-        dq_hat.add_(dqs)
-        del dqs, qs
-
-        dq = dk = dv = dkp = None
-        if needs[0]:
-            dq = normalize_backward(dq_hat, q_hat, q_norm)
-        if dk_pad is not None:
-            k_int = k_pad[:, :, r : r + H, r : r + W]
-            dk = normalize_backward(dk_pad[:, :, r : r + H, r : r + W], k_int, k_norm).reshape(B, h, N, d)
-        if dv_pad is not None:
-            dv = dv_pad[:, :, r : r + H, r : r + W].reshape(B, h, N, d)
-        if needs[3]:
-            dkp = normalize_backward(dkp_hat, kp_hat, kp_norm)
+        del qs
+        d_mult, d_qe = scaled_query_backward(dqs, dq_hat, q_hat, qe, factor, length_scale, needs[6], needs[5])
+        del dqs
+        dq = normalize_backward(dq_hat, q_hat, q_norm) if needs[0] else None
+        dk, dv = window_input_grads(dk_pad, dv_pad, k_pad, k_norm, (H, W), r)
+        dkp = normalize_backward(dkp_hat, kp_hat, kp_norm) if needs[3] else None
     q_dt, k_dt, v_dt, kp_dt, vp_dt = dtypes
     return (
         _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp if needs[4] else None, vp_dt),
