@@ -51,6 +51,62 @@ def test_compile_single_graph() -> None:
     assert explanation.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explanation.break_reasons[:3]]
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_cold_tables_one_break(train: bool) -> None:
+    """A fresh model (no table built yet) breaks the graph once, before the first tensor op, not
+    once per stage: per-stage breaks recompiled the resume frames with dynamic shapes, which
+    inductor then failed to compile (training step of transnext_tiny)."""
+    torch._dynamo.reset()
+    model = small_model().train(train)
+    x = _input(2, 3, 64, 64)
+    with torch.set_grad_enabled(train):
+        explanation = torch._dynamo.explain(model)(x)
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_break_count <= 1, reasons
+
+
+def _compiled_graph_ops(model: torch.nn.Module, x: torch.Tensor, grad: bool) -> set[str]:
+    """Names of the ops in the graph torch.compile captures for ``model(x)``."""
+    seen: set[str] = set()
+
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend=backend)(x)
+    return seen
+
+
+def test_compile_keeps_eager_kernels() -> None:
+    """Inference under the compiler runs the eager kernels as custom ops; training the blocked op."""
+    model = small_model()
+    x = _input(2, 3, 64, 64)
+    infer = _compiled_graph_ops(model, x, grad=False)
+    for op in ("aggregated_attention_inference", "conv_glu_inference", "sr_gelu_pool_inference"):
+        assert any(op in t for t in infer), (op, sorted(infer))
+    train = _compiled_graph_ops(model.train(), x, grad=True)
+    assert any("blocked_aggregated_attention" in t for t in train), sorted(train)
+    assert not any("_inference" in t for t in train), sorted(train)
+
+
+def test_inference_custom_ops_registration() -> None:
+    """Schemas and fake (shape) implementations of the inference ops agree with the real ops."""
+    from transnext.ops import compiled
+
+    model = small_model()
+    blk = model.block1[0]
+    attn, mlp = blk.attn, blk.mlp
+    H = W = 16
+    x = _input(2, H * W, 16)
+    torch.library.opcheck(compiled._pool_op, (x, attn.sr.weight.detach(), attn.sr.bias.detach(), H, W, 4, 4),
+                          test_utils=("test_schema", "test_faketensor"))
+    w = [t.detach() for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.dwconv.weight, mlp.dwconv.dwconv.bias,
+                              mlp.fc2.weight, mlp.fc2.bias)]
+    torch.library.opcheck(compiled._conv_glu_op, (x, *w, H, W), test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.slow
 def test_compile_interpolate_and_linear_modes() -> None:
     assert _compile_matches_eager("aot_eager", pos_bias="interpolate", fixed_pool_size=2) <= 1e-5

@@ -111,6 +111,14 @@ class StageGeometry:
     float32_full_scale: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.pool is None:
+            # A Python float computed when the geometry is built (outside any compiled graph): a
+            # tensor op here would be a graph break on every forward under torch.compile.
+            n = float(self.num_tokens)
+            full = float(torch.log(torch.tensor(n, dtype=torch.float32))) if self.float32_full_scale else math.log(n)
+            self._cache["full_scale"] = full
+
     @property
     def num_tokens(self) -> int:
         return self.size[0] * self.size[1]
@@ -138,9 +146,7 @@ class StageGeometry:
     def length_scale(self, dtype: torch.dtype, device: torch.device) -> Tensor | float:
         """ln(number of keys each query sees): (N, 1) tensor, or a float for full attention."""
         if self.pool is None:
-            if self.float32_full_scale:
-                return float(torch.log(torch.tensor(float(self.num_tokens), dtype=torch.float32)))
-            return math.log(self.num_tokens)
+            return self._cache["full_scale"]
         key = ("scale", dtype, device)
         if key not in self._cache:
             count = self._local()[0] + float(self.num_keys)
@@ -335,6 +341,28 @@ class GeometryTables(nn.Module):
     @torch.compiler.disable
     def _build(self, stage: int, grid: Size) -> StageGeometry:
         return self._plan.build(stage, grid)
+
+    @torch.compiler.disable
+    def _build_stages(self, grids: list[Size]) -> None:
+        if len(self._cache) + len(grids) > self.MAX_CACHED:
+            self._cache.clear()
+        for stage, grid in enumerate(grids):
+            key = (stage, *grid)
+            if key not in self._cache:
+                self._cache[key] = self._plan.build(stage, grid)
+
+    def prepare(self, image_size: Size) -> None:
+        """Build the tables of every stage for an input of ``image_size`` in one call.
+
+        The table construction is kept out of compiled graphs (``torch.compiler.disable``). Done
+        per stage inside the stage loop, a cold cache would break a compiled forward's graph once
+        per stage at the same code location, and the recompiled resume frames (stage inputs of
+        different shapes) would turn dynamic; here a cold cache costs one break before the first
+        tensor operation and a warm one none.
+        """
+        grids = self._plan.stage_grids(image_size)
+        if any((stage, *grid) not in self._cache for stage, grid in enumerate(grids)):
+            self._build_stages(grids)
 
     def forward(self, stage: int, H: int, W: int) -> StageGeometry:
         # Plain ints: under tracing (TorchScript-based ONNX export) sizes can arrive as 0-dim

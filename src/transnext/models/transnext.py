@@ -577,8 +577,11 @@ class TransNeXt(nn.Module):
                 f"expected a floating-point image tensor, got {x.dtype}; convert with x.float() "
                 "(and normalise, e.g. with transnext.data transforms)"
             )
+        size = (int(x.shape[2]), int(x.shape[3]))
         if not _is_tracing():
-            self.check_input_size((int(x.shape[2]), int(x.shape[3])))
+            self.check_input_size(size)
+        if not torch.jit.is_tracing():
+            self.geometry.prepare(size)  # under torch.compile too: keeps table building out of the graph
 
     def _run_stage(self, i: int, x: Tensor) -> tuple[Tensor, int, int]:
         x, H, W = getattr(self, f"patch_embed{i + 1}")(x)

@@ -67,6 +67,13 @@ def _load(name: str) -> ModuleType:
     return mod
 
 
+# The pure-PyTorch backends are imported with the package, so the first forward of a model under
+# torch.compile finds them loaded (an import inside a traced forward is a graph break in every
+# layer); Triton stays lazy (it may be absent or slow to import).
+_load("reference")
+_load("torch")
+
+
 def available_backends(device_type: str = "cpu") -> list[str]:
     """Backends that can run on ``device_type`` in this environment."""
     names = ["reference", "torch"]

@@ -37,6 +37,14 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def is_exporting() -> bool:
+    """torch.export / ONNX export: the graph must hold standard ops only (no transnext custom op)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    onnx = getattr(torch, "onnx", None)
+    in_onnx = bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+    return bool(exporting is not None and exporting()) or in_onnx
+
+
 def is_tracing() -> bool:
     """True while tracing, exporting or compiling: graph capture needs plain functional ops."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():

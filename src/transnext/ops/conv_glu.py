@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _common
+from . import _common, compiled
 from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing
 from .dispatch import select_backend
 
@@ -150,6 +150,8 @@ def conv_glu(
     """
     args = (x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, tuple(size))
     plain = select_backend("conv_glu", backend, x.device.type) == "reference"
+    if not plain and not (drop > 0.0 and training) and compiled.use_inference_ops(*args[:7]):
+        return compiled.conv_glu(*args)
     if plain or (drop > 0.0 and training) or is_tracing():
         return _plain(*args, drop, training)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])

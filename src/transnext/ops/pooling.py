@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compiled
 from ._common import autocast_dtype, autocast_off, is_tracing
 from .dispatch import select_backend
 
@@ -75,12 +76,20 @@ def sr_gelu_pool(
     """
 
     size, pool = tuple(size), tuple(pool)
-    if select_backend("sr_gelu_pool", backend, x.device.type) == "reference" or is_tracing():
+    plain = select_backend("sr_gelu_pool", backend, x.device.type) == "reference"
+    if not plain and compiled.use_inference_ops(x, weight, bias):
+        return compiled.sr_gelu_pool(x, weight, bias, size, pool)
+    if plain or is_tracing():
         y = F.gelu(F.conv2d(_as_map(x, size), weight, bias))
         return _as_tokens(F.adaptive_avg_pool2d(y, pool))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
         return _SrGeluPool.apply(x, weight, bias, size, pool)
+    return _inference(x, weight, bias, size, pool)
+
+
+def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int], pool: tuple[int, int]) -> Tensor:
+    """No-grad path: the 1x1 conv as one matmul on the tokens, GELU, adaptive pooling."""
     y = F.linear(x, weight.reshape(weight.shape[0], -1), bias)
     y = F.gelu(y)
     return _as_tokens(F.adaptive_avg_pool2d(_as_map(y, size), pool))

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compiled
 from ._common import (
     autocast_dtype,
     autocast_off,
     compute_dtype,
+    is_exporting,
     is_tracing,
     normalize_backward,
     normalize_into,
@@ -268,14 +270,6 @@ def _functional(
     return out.reshape(B, h, N, d)
 
 
-def _exporting() -> bool:
-    """torch.export / ONNX export: the graph must hold standard ops only (no transnext custom op)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    onnx = getattr(torch, "onnx", None)
-    in_onnx = bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
-    return bool(is_exporting is not None and is_exporting()) or in_onnx
-
-
 # Whole (B, h, Np + w*w, N) logits are kept up to this size (small grids and batches: one pass
 # over everything); past it, or when the bias comes as factors, queries go in blocks of rows.
 WHOLE_LOGITS_BYTES = 32 << 20
@@ -301,8 +295,16 @@ def aggregated_attention(
     training: bool = False,
 ) -> Tensor:
     p_drop = attn_drop if training else 0.0
-    if p_drop == 0.0 and torch.compiler.is_compiling() and not _exporting():
-        # The compiler keeps the blocked kernels as one registered custom op.
+    if p_drop == 0.0 and compiled.use_inference_ops(q, k, v, k_pool, v_pool, query_embedding, temperature, local_bias,
+                                                    learnable_tokens, learnable_bias,
+                                                    pool_bias if isinstance(pool_bias, Tensor) else pool_bias.table):
+        # torch.compile at inference: the eager kernels (whole logits or blocks) as one custom op.
+        return compiled.aggregated_attention(
+            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
+            learnable_tokens, learnable_bias, padding_mask, size, window,
+        )
+    if p_drop == 0.0 and torch.compiler.is_compiling() and not is_exporting():
+        # Training under the compiler: the blocked kernels and their backward as one custom op.
         return compiled_aggregated_attention(
             q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
             learnable_tokens, learnable_bias, padding_mask, size, window,

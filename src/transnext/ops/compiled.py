@@ -1,0 +1,119 @@
+"""Inference kernels as registered custom ops, for ``torch.compile``.
+
+Traced into a graph, the model's ops would run their plain functional formulation (the one
+export needs): whole logits even where the eager kernels go in blocks, unchunked Conv-GLU
+buffers, a 1x1 convolution for the pooling branch. The compiler does not fuse its way back to
+the eager kernels, so a compiled model ran slower than the eager one. Under ``torch.compile`` at
+inference (no gradient wanted, no autocast) the ops are therefore these opaque custom ops, each
+running exactly the eager no-grad code; the compiler keeps everything around them (projections,
+norms, residuals) to itself. Training under the compiler uses
+``transnext::blocked_aggregated_attention`` (with its registered backward) for the attention and
+the plain formulation elsewhere. torch.export / ONNX never see these ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import autocast_dtype, is_exporting
+
+__all__ = ["use_inference_ops", "aggregated_attention", "conv_glu", "sr_gelu_pool"]
+
+
+def use_inference_ops(*tensors: Tensor | None) -> bool:
+    """True while ``torch.compile`` traces a forward that needs no gradient (and runs no autocast)."""
+    if not torch.compiler.is_compiling() or is_exporting():
+        return False
+    present = [t for t in tensors if t is not None]
+    if not present or autocast_dtype(present[0]) is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+# ------------------------------------------------------------------------------ aggregated attention
+@torch.library.custom_op("transnext::aggregated_attention_inference", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
+    length_scale: Tensor, local_bias: Tensor, bias_table: Tensor, bias_y_index: Tensor, bias_y_weight: Tensor,
+    dense_bias: bool, learnable_tokens: Tensor, learnable_bias: Tensor, padding_mask: Tensor, height: int,
+    width: int, window: int,
+) -> Tensor:
+    from ._common import inference_chunks
+    from .bias import SeparableBias
+    from .torch_backend import aggregated_attention as eager
+
+    bias = bias_table if dense_bias else SeparableBias(bias_table, bias_y_index, bias_y_weight)
+    size = (height, width)
+    with torch.no_grad():
+        chunks = inference_chunks(q.transpose(1, 2).flatten(2), size) or [(0, q.shape[0], 0, height)]
+        out = q.new_empty(q.shape)
+        for b0, b1, _, _ in chunks:  # groups of images, as the eager layer runs them
+            out[b0:b1] = eager(
+                q[b0:b1], k[b0:b1], v[b0:b1], k_pool[b0:b1], v_pool[b0:b1], query_embedding, temperature,
+                length_scale, local_bias, bias, learnable_tokens, learnable_bias, padding_mask, size, window,
+            )
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, bias_table, bias_y_index,
+      bias_y_weight, dense_bias, learnable_tokens, learnable_bias, padding_mask, height, width, window):
+    return q.new_empty(q.shape)
+
+
+def aggregated_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
+    length_scale: Tensor, local_bias: Tensor, pool_bias, learnable_tokens: Tensor, learnable_bias: Tensor,
+    padding_mask: Tensor, size: tuple[int, int], window: int,
+) -> Tensor:
+    """The eager ``torch``-backend Aggregated Attention (no grad) as one opaque op."""
+    dense = isinstance(pool_bias, Tensor)
+    table = pool_bias if dense else pool_bias.table
+    y_index = padding_mask.new_zeros((1,), dtype=torch.long) if dense else pool_bias.y_index
+    y_weight = q.new_ones((1,)) if dense else pool_bias.y_weight
+    return _attention_op(
+        q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, table, y_index, y_weight,
+        dense, learnable_tokens, learnable_bias, padding_mask, int(size[0]), int(size[1]), window,
+    )
+
+
+# ------------------------------------------------------------------------------ Conv-GLU
+@torch.library.custom_op("transnext::conv_glu_inference", mutates_args=())
+def _conv_glu_op(
+    x: Tensor, w1: Tensor, b1: Tensor | None, wd: Tensor, bd: Tensor | None, w2: Tensor, b2: Tensor | None,
+    height: int, width: int,
+) -> Tensor:
+    from .conv_glu import _inference
+
+    with torch.no_grad():
+        return _inference(x, w1, b1, wd, bd, w2, b2, (height, width)).contiguous()
+
+
+@_conv_glu_op.register_fake
+def _(x, w1, b1, wd, bd, w2, b2, height, width):
+    return x.new_empty(x.shape[:-1] + (w2.shape[0],))
+
+
+def conv_glu(x, w1, b1, wd, bd, w2, b2, size) -> Tensor:
+    """The eager no-grad Conv-GLU as one opaque op."""
+    return _conv_glu_op(x, w1, b1, wd, bd, w2, b2, int(size[0]), int(size[1]))
+
+
+# ------------------------------------------------------------------------------ pooling branch
+@torch.library.custom_op("transnext::sr_gelu_pool_inference", mutates_args=())
+def _pool_op(x: Tensor, weight: Tensor, bias: Tensor | None, height: int, width: int, pool_h: int, pool_w: int) -> Tensor:
+    from .pooling import _inference
+
+    with torch.no_grad():
+        return _inference(x, weight, bias, (height, width), (pool_h, pool_w)).contiguous()
+
+
+@_pool_op.register_fake
+def _(x, weight, bias, height, width, pool_h, pool_w):
+    return x.new_empty((x.shape[0], pool_h * pool_w, weight.shape[0]))
+
+
+def sr_gelu_pool(x, weight, bias, size, pool) -> Tensor:
+    """The eager no-grad pooling branch (1x1 conv as a matmul, GELU, adaptive pooling) as one opaque op."""
+    return _pool_op(x, weight, bias, int(size[0]), int(size[1]), int(pool[0]), int(pool[1]))
