@@ -7,6 +7,7 @@
 # Long: the 800x1344 and 1024 px cases take minutes per iteration on a 2-core machine; run it on
 # an otherwise idle machine. `--rounds 3` (fastest of three interleaved rounds) steadies the times
 # on a busy one. Run from the repository root:  bash benchmarks/cpu_dense.sh [extra flags for every command]
+# ONLY="cpu_dense_512_train cpu_224_b8_compile" runs only the named tables.
 set -euo pipefail
 
 TRANSNEXT=${TRANSNEXT:-transnext}
@@ -18,6 +19,9 @@ mkdir -p "$OUT"
 bench() {  # bench NAME ARGS...: one invocation, outputs named after NAME
     local name=$1
     shift
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return 0
+    fi
     echo "== $name" >&2
     "$TRANSNEXT" benchmark "$@" "${COMMON[@]}" --output "$OUT/$name.json" --plot "$OUT/$name.png" | tee "$OUT/$name.md"
 }

@@ -27,6 +27,7 @@ transnext_module = importlib.import_module("transnext.models.transnext")
 def test_blocked_op_matches_reference(monkeypatch, case, block_elements) -> None:
     monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 0)  # always the blocked path
+    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
     B, h, size, d, pool = case
     t, extra = aa_inputs(B, h, size, d, pool)
     g = torch.randn(B, h, size[0] * size[1], d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -95,6 +96,7 @@ def test_model_with_factored_bias_and_blocks_matches_reference(monkeypatch, pos_
     ref_out, ref_grads = run("reference")
     monkeypatch.setattr(transnext_module.AggregatedAttention, "MATERIALIZE_BIAS_BYTES", 0)
     monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 0)
+    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
     monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 300)
     assert isinstance(model.block1[0].attn.position_bias(model.stage_geometry(0, (19, 24)), torch.float64,
                                                          torch.device("cpu")), SeparableBias)
@@ -121,3 +123,24 @@ def test_custom_op_registration() -> None:
         extra["padding_mask"], 5, 6, 3,
     )
     torch.library.opcheck(blocked._compiled_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_training_goes_in_blocks_past_the_training_budget(monkeypatch) -> None:
+    """With gradients the blocked path (recomputing probabilities) takes over past the smaller
+    training budget; inference of the same problem keeps the one-pass whole-tensor path."""
+    calls = []
+    real = torch_backend.blocked_aggregated_attention
+    monkeypatch.setattr(torch_backend, "blocked_aggregated_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 1 << 30)
+    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
+    t, extra = aa_inputs(1, 2, (5, 6), 4, (2, 3))
+    args = (t["q"], t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"],
+            extra["length_scale"], t["local_bias"], t["pool_bias"], t["learnable_tokens"], t["learnable_bias"],
+            extra["padding_mask"], extra["size"], 3)
+    with torch.no_grad():
+        ref = torch_backend.aggregated_attention(*args)
+    assert calls == []
+    q = t["q"].clone().requires_grad_()
+    out = torch_backend.aggregated_attention(q, *args[1:])
+    assert calls == [1]
+    assert_close(out.detach(), ref, "blocked training output")
