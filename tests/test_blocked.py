@@ -95,11 +95,14 @@ def test_model_with_factored_bias_and_blocks_matches_reference(monkeypatch, pos_
 
     ref_out, ref_grads = run("reference")
     monkeypatch.setattr(transnext_module.AggregatedAttention, "MATERIALIZE_BIAS_BYTES", 0)
+    monkeypatch.setattr(transnext_module.AggregatedAttention, "MATERIALIZE_BIAS_BYTES_TRAINING", 0)
     monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 0)
     monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
     monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 300)
-    assert isinstance(model.block1[0].attn.position_bias(model.stage_geometry(0, (19, 24)), torch.float64,
-                                                         torch.device("cpu")), SeparableBias)
+    for grad in (False, True):  # the factors at inference and in training
+        with torch.set_grad_enabled(grad):
+            assert isinstance(model.block1[0].attn.position_bias(model.stage_geometry(0, (19, 24)), torch.float64,
+                                                                 torch.device("cpu")), SeparableBias)
     out, grads = run("torch")
     assert_close(out, ref_out, "logits")
     for n, g in ref_grads.items():
@@ -144,3 +147,42 @@ def test_training_goes_in_blocks_past_the_training_budget(monkeypatch) -> None:
     out = torch_backend.aggregated_attention(q, *args[1:])
     assert calls == [1]
     assert_close(out.detach(), ref, "blocked training output")
+
+
+def test_bias_mlp_matches_plain_layers(monkeypatch) -> None:
+    """The chunked, recomputing bias MLP: values and every gradient equal the plain layers'."""
+    bias_mlp_module = importlib.import_module("transnext.ops.bias_mlp")
+    monkeypatch.setattr(bias_mlp_module, "CHUNK_ROWS", 7)  # uneven chunks of 50 pairs
+    gen = torch.Generator().manual_seed(3)
+    coords = torch.randn(50, 2, dtype=torch.float64, generator=gen).requires_grad_()
+    fc1, fc2 = torch.nn.Linear(2, 16).double(), torch.nn.Linear(16, 3).double()
+    g = torch.randn(50, 3, dtype=torch.float64, generator=gen)
+    params = [coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    ref = fc2(torch.relu(fc1(coords)))
+    out = ops.bias_mlp(coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    assert_close(out, ref, "bias MLP output")
+    for a, b, n in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), "c w1 b1 w2 b2".split()):
+        assert_close(a, b, f"grad of {n}")
+
+
+def test_model_trains_with_chunked_bias_mlp(monkeypatch) -> None:
+    """A training step with the chunked bias MLP in every layer gives the plain layers' gradients."""
+    torch.manual_seed(0)
+    model = tiny_model(pos_bias="interpolate").double().train()
+    x = torch.randn(2, 3, 64, 76, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def grads() -> dict:
+        model.zero_grad()
+        model(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setattr(ops, "BIAS_MLP_CHUNK_ROWS", 1 << 30)
+    ref = grads()
+    monkeypatch.setattr(ops, "BIAS_MLP_CHUNK_ROWS", 0)
+    calls = []
+    real = ops.bias_mlp
+    monkeypatch.setattr(ops, "bias_mlp", lambda *a: calls.append(1) or real(*a))
+    got = grads()
+    assert calls, "the chunked bias MLP was not used"
+    for n, g in ref.items():
+        assert_close(got[n], g, f"grad of {n}")

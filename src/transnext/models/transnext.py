@@ -161,7 +161,13 @@ class _CosineAttentionBase(nn.Module):
         """The bias MLP on every unique (dy, dx) pair: (h, Uy, Ux), with the per-axis pair indices."""
         coords, index_y, index_x = geom.cpb_inputs(dtype, device)
         rows = self.BIAS_MLP_ROWS
-        if coords.shape[0] <= rows or torch.is_grad_enabled() or _is_tracing():
+        fc1, fc2 = self.cpb_fc1, self.cpb_fc2
+        plain_layers = type(fc1) is nn.Linear and type(fc2) is nn.Linear and fc1.bias is not None and fc2.bias is not None
+        if (torch.is_grad_enabled() and plain_layers and not _is_tracing() and ops.autocast_dtype(coords) is None
+                and coords.shape[0] > ops.BIAS_MLP_CHUNK_ROWS and any(p.requires_grad for p in self._bias_params())):
+            # Training at dense sizes: chunked, recomputing backward (no hidden activation kept).
+            table = ops.bias_mlp(coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        elif coords.shape[0] <= rows or torch.is_grad_enabled() or _is_tracing():
             table = self.cpb_fc2(F.relu(self.cpb_fc1(coords)))  # (Uy*Ux, h)
         else:
             # Large grids (linear mode at 2048 px: ~10^6 unique pairs) would hold a 512-wide hidden
@@ -256,11 +262,17 @@ class AggregatedAttention(_CosineAttentionBase):
     # from about 300 px) the layer keeps only the bias MLP on unique pairs (cached, small) and
     # the attention op produces the bias a block of query rows at a time (SeparableBias).
     MATERIALIZE_BIAS_BYTES = 16 << 20
+    # In training the whole bias costs its construction's backward too (the gather's scatter-add and,
+    # in interpolate mode, two bilinear resizes) where the factors' gradient is a few slab
+    # additions, so the factors take over from a smaller size (the blocked op's training budget).
+    MATERIALIZE_BIAS_BYTES_TRAINING = 4 << 20
 
     def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor | SeparableBias:
         nbytes = self.num_heads * geom.num_tokens * geom.num_keys * dtype.itemsize
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self._bias_params())
+        limit = self.MATERIALIZE_BIAS_BYTES_TRAINING if training else self.MATERIALIZE_BIAS_BYTES
         # (TorchScript tracing, e.g. ONNX export, needs the plain tensor; torch.compile keeps the factors.)
-        if nbytes <= self.MATERIALIZE_BIAS_BYTES or torch.jit.is_tracing():
+        if nbytes <= limit or torch.jit.is_tracing():
             return super().position_bias(geom, dtype, device)
         table = self._cached(geom, dtype, device, "mlp", lambda g, dt, dev: self._bias_table(g, dt, dev)[0])
         y_taps, x_taps = geom.bias_taps(dtype, device)

@@ -28,7 +28,9 @@ from types import ModuleType
 
 from torch import Tensor
 
-from ._common import inference_chunks, is_tracing
+from ._common import autocast_dtype, inference_chunks, is_tracing
+from .bias_mlp import CHUNK_ROWS as BIAS_MLP_CHUNK_ROWS
+from .bias_mlp import bias_mlp
 from .conv_glu import conv_glu
 from .dispatch import BACKENDS, CAPABILITIES, ENV_VAR, resolve_backend, select_backend, triton_usable
 from .pooling import sr_gelu_pool
@@ -37,8 +39,11 @@ __all__ = [
     "BACKENDS",
     "CAPABILITIES",
     "ENV_VAR",
+    "BIAS_MLP_CHUNK_ROWS",
     "aggregated_attention",
+    "autocast_dtype",
     "available_backends",
+    "bias_mlp",
     "conv_glu",
     "full_attention",
     "inference_chunks",
