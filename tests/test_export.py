@@ -88,6 +88,7 @@ def test_compile_keeps_eager_kernels() -> None:
         assert any(op in t for t in infer), (op, sorted(infer))
     train = _compiled_graph_ops(model.train(), x, grad=True)
     assert any("blocked_aggregated_attention" in t for t in train), sorted(train)
+    assert any("conv_glu_train" in t for t in train), sorted(train)
     assert not any("_inference" in t for t in train), sorted(train)
 
 
@@ -105,6 +106,13 @@ def test_inference_custom_ops_registration() -> None:
     w = [t.detach() for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.dwconv.weight, mlp.dwconv.dwconv.bias,
                               mlp.fc2.weight, mlp.fc2.bias)]
     torch.library.opcheck(compiled._conv_glu_op, (x, *w, H, W), test_utils=("test_schema", "test_faketensor"))
+    w = [t.requires_grad_() for t in w]
+    torch.library.opcheck(compiled._conv_glu_train_op, (x.clone().requires_grad_(), *w, H, W),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, gate, value = compiled._conv_glu_train_op(x, *w, H, W)
+    grad = torch.ones_like(out)
+    backward_args = (grad, x, gate.detach(), value.detach(), w[0].detach(), w[2].detach(), w[3].detach(), w[4].detach(), H, W)
+    torch.library.opcheck(compiled._conv_glu_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.slow

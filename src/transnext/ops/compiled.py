@@ -117,3 +117,93 @@ def _(x, weight, bias, height, width, pool_h, pool_w):
 def sr_gelu_pool(x, weight, bias, size, pool) -> Tensor:
     """The eager no-grad pooling branch (1x1 conv as a matmul, GELU, adaptive pooling) as one opaque op."""
     return _pool_op(x, weight, bias, int(size[0]), int(size[1]), int(pool[0]), int(pool[1]))
+
+
+# ------------------------------------------------------------------------------ Conv-GLU, training
+# The eager autograd Function's forward and backward as two custom ops: the compiler's own
+# backward of the depthwise conv (its layouts) ran several times slower than the eager one.
+class _Ctx:
+    """Stand-in for an autograd context, to run ``_ConvGLU``'s forward / backward inside an op."""
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        self.saved_tensors = tensors
+
+
+@torch.library.custom_op("transnext::conv_glu_train", mutates_args=())
+def _conv_glu_train_op(
+    x: Tensor, w1: Tensor, b1: Tensor | None, wd: Tensor, bd: Tensor | None, w2: Tensor, b2: Tensor | None,
+    height: int, width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .conv_glu import _ConvGLU
+
+    ctx = _Ctx()
+    with torch.no_grad():
+        out = _ConvGLU.forward(ctx, x, w1, b1, wd, bd, w2, b2, (height, width))
+    _, gate, value = ctx.saved_tensors[:3]
+    return out, gate, value
+
+
+@_conv_glu_train_op.register_fake
+def _(x, w1, b1, wd, bd, w2, b2, height, width):
+    hid = w2.shape[1]
+    return x.new_empty(x.shape[:-1] + (w2.shape[0],)), x.new_empty(x.shape[:-1] + (hid,)), x.new_empty(x.shape[:-1] + (hid,))
+
+
+@torch.library.custom_op("transnext::conv_glu_train_backward", mutates_args=())
+def _conv_glu_backward_op(
+    grad: Tensor, x: Tensor, gate: Tensor, value: Tensor, w1: Tensor, wd: Tensor, bd: Tensor | None, w2: Tensor,
+    height: int, width: int,
+) -> list[Tensor]:
+    from .conv_glu import _ConvGLU
+
+    ctx = _Ctx()
+    ctx.saved_tensors = (x, gate, value, w1, wd, bd, w2)
+    ctx.size = (height, width)
+    ctx.needs_input_grad = (True,) * 7 + (False,)
+    ctx.has_bias = (True, bd is not None, True)
+    with torch.no_grad():
+        d = _ConvGLU.backward(ctx, grad.contiguous())
+    d_bd = d[4] if d[4] is not None else x.new_zeros((0,))
+    return [d[0], d[1], d[2], d[3], d_bd, d[5], d[6]]
+
+
+@_conv_glu_backward_op.register_fake
+def _(grad, x, gate, value, w1, wd, bd, w2, height, width):
+    hid = w2.shape[1]
+    return [x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((2 * hid,)), wd.new_empty(wd.shape),
+            wd.new_empty((hid,) if bd is not None else (0,)), w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],))]
+
+
+def _conv_glu_setup(ctx, inputs, output) -> None:
+    x, w1, b1, wd, bd, w2, b2, height, width = inputs
+    _, gate, value = output
+    ctx.save_for_backward(x, gate, value, w1, wd, bd, w2)
+    ctx.size = (height, width)
+    ctx.has_bias = (b1 is not None, bd is not None, b2 is not None)
+
+
+def _conv_glu_autograd(ctx, grad_out, _grad_gate, _grad_value):
+    x, gate, value, w1, wd, bd, w2 = ctx.saved_tensors
+    d = _conv_glu_backward_op(grad_out, x, gate, value, w1, wd, bd, w2, *ctx.size)
+    has_b1, has_bd, has_b2 = ctx.has_bias
+    return (d[0], d[1], d[2] if has_b1 else None, d[3], d[4] if has_bd else None, d[5], d[6] if has_b2 else None,
+            None, None)
+
+
+_conv_glu_train_op.register_autograd(_conv_glu_autograd, setup_context=_conv_glu_setup)
+
+
+def use_training_ops(*tensors: Tensor | None) -> bool:
+    """True while ``torch.compile`` traces a forward that needs gradients (and runs no autocast)."""
+    if not torch.compiler.is_compiling() or is_exporting():
+        return False
+    present = [t for t in tensors if t is not None]
+    return bool(present) and autocast_dtype(present[0]) is None and torch.is_grad_enabled() and any(
+        t.requires_grad for t in present)
+
+
+def conv_glu_train(x, w1, b1, wd, bd, w2, b2, size) -> Tensor:
+    """The eager Conv-GLU autograd Function (recomputing backward) as custom ops."""
+    if b1 is None or b2 is None:  # the op's backward assumes fc1 / fc2 biases (every TransNeXt has them)
+        raise ValueError("conv_glu_train needs fc1 and fc2 biases")
+    return _conv_glu_train_op(x, w1, b1, wd, bd, w2, b2, int(size[0]), int(size[1]))[0]

@@ -131,6 +131,16 @@ def _plain(x, w1, b1, wd, bd, w2, b2, size, drop, training):
     return F.dropout(F.linear(hidden, w2, b2), drop, training)
 
 
+def _traceable(x, w1, b1, wd, bd, w2, b2, size):
+    """Standard ops for graph capture, laid out as the eager kernels: gate and value from two
+    products on row slices of ``fc1.weight``, so the gate is a dense channels-last map (the
+    compiler's depthwise-conv backward on a strided slice of one product ran several times slower)."""
+    hid = w2.shape[1]
+    gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
+    value = F.linear(x, w1[hid:], None if b1 is None else b1[hid:])
+    return F.linear(F.gelu(_as_tokens(_dwconv(gate, wd, bd, size))) * value, w2, b2)
+
+
 def conv_glu(
     x: Tensor,
     fc1_weight: Tensor,
@@ -152,8 +162,12 @@ def conv_glu(
     plain = select_backend("conv_glu", backend, x.device.type) == "reference"
     if not plain and not (drop > 0.0 and training) and compiled.use_inference_ops(*args[:7]):
         return compiled.conv_glu(*args)
-    if plain or (drop > 0.0 and training) or is_tracing():
+    if plain or (drop > 0.0 and training):
         return _plain(*args, drop, training)
+    if args[2] is not None and args[6] is not None and compiled.use_training_ops(*args[:7]):
+        return compiled.conv_glu_train(*args)
+    if is_tracing():
+        return _traceable(*args)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
     if needs_grad:
         return _ConvGLU.apply(*args)

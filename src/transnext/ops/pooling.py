@@ -79,9 +79,11 @@ def sr_gelu_pool(
     plain = select_backend("sr_gelu_pool", backend, x.device.type) == "reference"
     if not plain and compiled.use_inference_ops(x, weight, bias):
         return compiled.sr_gelu_pool(x, weight, bias, size, pool)
-    if plain or is_tracing():
+    if plain:
         y = F.gelu(F.conv2d(_as_map(x, size), weight, bias))
         return _as_tokens(F.adaptive_avg_pool2d(y, pool))
+    if is_tracing():  # graph capture: the 1x1 conv as a product on the tokens, as the eager kernels run it
+        return _inference(x, weight, bias, size, pool)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
         return _SrGeluPool.apply(x, weight, bias, size, pool)
