@@ -37,6 +37,11 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """True when autograd is on and any of ``tensors`` (None entries skipped) requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def is_exporting() -> bool:
     """torch.export / ONNX export: the graph must hold standard ops only (no transnext custom op)."""
     exporting = getattr(torch.compiler, "is_exporting", None)

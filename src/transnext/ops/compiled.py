@@ -1,4 +1,4 @@
-"""Inference kernels as registered custom ops, for ``torch.compile``.
+"""The eager kernels as registered custom ops, for ``torch.compile``.
 
 Traced into a graph, the model's ops would run their plain functional formulation (the one
 export needs): whole logits even where the eager kernels go in blocks, unchunked Conv-GLU
@@ -6,9 +6,10 @@ buffers, a 1x1 convolution for the pooling branch. The compiler does not fuse it
 the eager kernels, so a compiled model ran slower than the eager one. Under ``torch.compile`` at
 inference (no gradient wanted, no autocast) the ops are therefore these opaque custom ops, each
 running exactly the eager no-grad code; the compiler keeps everything around them (projections,
-norms, residuals) to itself. Training under the compiler uses
-``transnext::blocked_aggregated_attention`` (with its registered backward) for the attention and
-the plain formulation elsewhere. torch.export / ONNX never see these ops.
+norms, residuals) to itself. In training (no autocast) Conv-GLU runs its eager recomputing
+autograd Function as ``conv_glu_train`` and its backward op, the attention
+``transnext::blocked_aggregated_attention`` (``ops/blocked.py``). torch.export / ONNX never see
+these ops.
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import autocast_dtype, is_exporting
+from ._common import autocast_dtype, inference_chunks, is_exporting, needs_grad
+from .bias import SeparableBias
 
-__all__ = ["use_inference_ops", "aggregated_attention", "conv_glu", "sr_gelu_pool"]
+__all__ = ["capture_mode", "aggregated_attention", "conv_glu", "conv_glu_train", "sr_gelu_pool"]
 
 
-def use_inference_ops(*tensors: Tensor | None) -> bool:
-    """True while ``torch.compile`` traces a forward that needs no gradient (and runs no autocast)."""
-    if not torch.compiler.is_compiling() or is_exporting():
-        return False
-    present = [t for t in tensors if t is not None]
-    if not present or autocast_dtype(present[0]) is not None:
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+def capture_mode(x: Tensor, *tensors: Tensor | None) -> str | None:
+    """``"inference"`` or ``"training"`` while ``torch.compile`` traces a forward without autocast
+    (by whether any of ``x, *tensors`` needs a gradient); None otherwise (eager, export, autocast)."""
+    if not torch.compiler.is_compiling() or is_exporting() or autocast_dtype(x) is not None:
+        return None
+    return "training" if needs_grad(x, *tensors) else "inference"
 
 
 # ------------------------------------------------------------------------------ aggregated attention
@@ -39,9 +39,7 @@ def _attention_op(
     dense_bias: bool, learnable_tokens: Tensor, learnable_bias: Tensor, padding_mask: Tensor, height: int,
     width: int, window: int,
 ) -> Tensor:
-    from ._common import inference_chunks
-    from .bias import SeparableBias
-    from .torch_backend import aggregated_attention as eager
+    from .torch_backend import aggregated_attention as eager  # imported here: torch_backend imports this module
 
     bias = bias_table if dense_bias else SeparableBias(bias_table, bias_y_index, bias_y_weight)
     size = (height, width)
@@ -193,17 +191,9 @@ def _conv_glu_autograd(ctx, grad_out, _grad_gate, _grad_value):
 _conv_glu_train_op.register_autograd(_conv_glu_autograd, setup_context=_conv_glu_setup)
 
 
-def use_training_ops(*tensors: Tensor | None) -> bool:
-    """True while ``torch.compile`` traces a forward that needs gradients (and runs no autocast)."""
-    if not torch.compiler.is_compiling() or is_exporting():
-        return False
-    present = [t for t in tensors if t is not None]
-    return bool(present) and autocast_dtype(present[0]) is None and torch.is_grad_enabled() and any(
-        t.requires_grad for t in present)
-
-
 def conv_glu_train(x, w1, b1, wd, bd, w2, b2, size) -> Tensor:
-    """The eager Conv-GLU autograd Function (recomputing backward) as custom ops."""
-    if b1 is None or b2 is None:  # the op's backward assumes fc1 / fc2 biases (every TransNeXt has them)
-        raise ValueError("conv_glu_train needs fc1 and fc2 biases")
+    """The eager Conv-GLU autograd Function (recomputing backward) as custom ops.
+
+    Needs the fc1 and fc2 biases (every TransNeXt has them; the backward op returns their
+    gradients unconditionally); ``ops.conv_glu`` checks before calling."""
     return _conv_glu_train_op(x, w1, b1, wd, bd, w2, b2, int(size[0]), int(size[1]))[0]

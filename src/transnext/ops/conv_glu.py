@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common, compiled
-from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing
+from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing, needs_grad
 from .dispatch import select_backend
 
 
@@ -160,16 +160,16 @@ def conv_glu(
     """
     args = (x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, tuple(size))
     plain = select_backend("conv_glu", backend, x.device.type) == "reference"
-    if not plain and not (drop > 0.0 and training) and compiled.use_inference_ops(*args[:7]):
-        return compiled.conv_glu(*args)
     if plain or (drop > 0.0 and training):
         return _plain(*args, drop, training)
-    if args[2] is not None and args[6] is not None and compiled.use_training_ops(*args[:7]):
+    mode = compiled.capture_mode(*args[:7])
+    if mode == "inference":
+        return compiled.conv_glu(*args)
+    if mode == "training" and fc1_bias is not None and fc2_bias is not None:
         return compiled.conv_glu_train(*args)
     if is_tracing():
         return _traceable(*args)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
-    if needs_grad:
+    if needs_grad(*args[:7]):
         return _ConvGLU.apply(*args)
     return _inference(*args)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import compiled
-from ._common import autocast_dtype, autocast_off, is_tracing
+from ._common import autocast_dtype, autocast_off, is_tracing, needs_grad
 from .dispatch import select_backend
 
 
@@ -77,15 +77,14 @@ def sr_gelu_pool(
 
     size, pool = tuple(size), tuple(pool)
     plain = select_backend("sr_gelu_pool", backend, x.device.type) == "reference"
-    if not plain and compiled.use_inference_ops(x, weight, bias):
+    if not plain and compiled.capture_mode(x, weight, bias) == "inference":
         return compiled.sr_gelu_pool(x, weight, bias, size, pool)
     if plain:
         y = F.gelu(F.conv2d(_as_map(x, size), weight, bias))
         return _as_tokens(F.adaptive_avg_pool2d(y, pool))
     if is_tracing():  # graph capture: the 1x1 conv as a product on the tokens, as the eager kernels run it
         return _inference(x, weight, bias, size, pool)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad:
+    if needs_grad(x, weight, bias):
         return _SrGeluPool.apply(x, weight, bias, size, pool)
     return _inference(x, weight, bias, size, pool)
 

@@ -27,6 +27,7 @@ from ._common import (
     compute_dtype,
     is_exporting,
     is_tracing,
+    needs_grad,
     normalize_backward,
     normalize_into,
     scaled_query_backward,
@@ -300,9 +301,9 @@ def aggregated_attention(
     training: bool = False,
 ) -> Tensor:
     p_drop = attn_drop if training else 0.0
-    if p_drop == 0.0 and compiled.use_inference_ops(q, k, v, k_pool, v_pool, query_embedding, temperature, local_bias,
-                                                    learnable_tokens, learnable_bias,
-                                                    pool_bias if isinstance(pool_bias, Tensor) else pool_bias.table):
+    inputs = (q, k, v, k_pool, v_pool, query_embedding, temperature, local_bias, learnable_tokens, learnable_bias,
+              pool_bias if isinstance(pool_bias, Tensor) else pool_bias.table)
+    if p_drop == 0.0 and compiled.capture_mode(*inputs) == "inference":
         # torch.compile at inference: the eager kernels (whole logits or blocks) as one custom op.
         return compiled.aggregated_attention(
             q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
@@ -323,9 +324,7 @@ def aggregated_attention(
         )
     B, h, N, _ = q.shape
     logits_bytes = B * h * N * (k_pool.shape[2] + window * window) * compute_dtype(q).itemsize
-    grads = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, k_pool, v_pool, query_embedding, temperature, learnable_tokens))
-    limit = WHOLE_LOGITS_BYTES_TRAINING if grads else WHOLE_LOGITS_BYTES
+    limit = WHOLE_LOGITS_BYTES_TRAINING if needs_grad(*inputs) else WHOLE_LOGITS_BYTES
     if p_drop == 0.0 and (not isinstance(pool_bias, Tensor) or logits_bytes > limit):
         return blocked_aggregated_attention(
             q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
