@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from ._common import (
     autocast_off,
     compute_dtype,
@@ -143,6 +144,12 @@ def _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local
         bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
         local_table = _local_table(local_bias, padding_mask, dt)
         tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
+        if native.supports(p.q_hat, window):
+            extra = torch.matmul(p.q_hat, tokens).add_(lbias)
+            out = native.aggregated_attention_forward(
+                qs, p.kp_hat, p.vp, p.k_pad, p.v_pad, bias[0], bias[1], bias[2], local_table, extra, (H, W), window
+            )
+            return out.to(q.dtype), p
         rows = block_rows(B, h, W, Np + L, H)
         block = _Block(B, h, W, Np, L, rows, dt, q.device)
         out = torch.empty((B, h, N, d), dtype=dt, device=q.device)

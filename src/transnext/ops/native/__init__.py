@@ -1,0 +1,192 @@
+"""Native CPU kernel of the Aggregated Attention forward, built on first use with the system C compiler.
+
+At dense resolutions the torch formulation of the pooled branch costs about 5 ns per (head, query,
+pooled key) on a CPU core: a batched matmul with a 24-wide inner dimension, a bias pass, a softmax
+and a second matmul, each a pass through a cache-sized block. The C kernel in
+``aggregated_attention.c`` does all of it for four queries at a time in registers and one scratch
+row (logits, the position bias read from its small factors, softmax, aggregation of pooled and
+window values), so no (heads, N, Np) block is written at all.
+
+It needs no build step at install time and no torch headers: the first call compiles one small
+shared library per element type with ``cc`` (``$CC`` if set), about a second, into a per-user
+cache keyed by the source, compiler and flags, and loads it with :mod:`ctypes`. Where no compiler
+works (or on a platform it does not handle), :func:`available` is False and the torch kernels
+run instead, with the same results. ``TRANSNEXT_NATIVE=0`` turns the kernel off;
+``TRANSNEXT_CACHE_DIR`` moves the cache (default ``~/.cache/transnext``).
+
+Work is split over threads (``torch.get_num_threads()``) by contiguous ranges of
+(batch * head, grid row) items; ctypes releases the GIL for the duration of each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["ENV_VAR", "available", "aggregated_attention_forward", "build_error", "supports"]
+
+ENV_VAR = "TRANSNEXT_NATIVE"
+_SOURCE = Path(__file__).with_name("aggregated_attention.c")
+_DTYPES = {torch.float32: ("float", ""), torch.float64: ("double", "-DREAL_IS_DOUBLE")}
+_FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
+
+_lock = threading.Lock()
+_libs: dict[torch.dtype, ctypes.CDLL] = {}
+_errors: dict[torch.dtype, str] = {}
+_pool: ThreadPoolExecutor | None = None
+
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TRANSNEXT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transnext")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def _compile(dtype: torch.dtype) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the library for ``dtype``; raises with the reason."""
+    if sys.platform == "win32":
+        raise RuntimeError("the native kernel is built with a GCC/Clang-style compiler; not on Windows")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install cc)")
+    source = _SOURCE.read_bytes()
+    real, define = _DTYPES[dtype]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    errors = []
+    for flags in _FLAG_SETS:
+        args = [f"-DREAL={real}", *([define] if define else []), *flags, "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast"]
+        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(args).encode(),
+                                         platform.machine().encode(), platform.node().encode()])).hexdigest()[:16]
+        target = _cache_dir() / f"aggregated_attention_{real}_{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: concurrent processes never load a partial file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            proc = subprocess.run([cc, *args, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
+                continue
+            os.replace(tmp, target)
+        lib = ctypes.CDLL(str(target))
+        fn = lib.transnext_aggregated_attention_forward
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 14
+        lib.transnext_native_vector_length.restype = ctypes.c_int
+        return lib
+    raise RuntimeError("compiling the native kernel failed: " + " | ".join(errors))
+
+
+def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
+    if dtype in _libs:
+        return _libs[dtype]
+    if dtype in _errors:
+        return None
+    with _lock:
+        if dtype not in _libs and dtype not in _errors:
+            try:
+                _libs[dtype] = _compile(dtype)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _errors[dtype] = str(exc)
+    return _libs.get(dtype)
+
+
+def build_error(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel for ``dtype`` is not available (None when it is, or was not tried yet)."""
+    return _errors.get(dtype)
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the native kernel runs for ``dtype`` here (compiles it on the first call)."""
+    return _enabled() and dtype in _DTYPES and _library(dtype) is not None
+
+
+def supports(q: Tensor, window: int) -> bool:
+    """Whether the kernel takes this problem: CPU, float32/float64, head size a multiple of the
+    vector length (8 floats / 4 doubles) up to 8 vectors, window up to 8x8, no autograd graph."""
+    if q.device.type != "cpu" or q.dtype not in _DTYPES or window * window > 64:
+        return False
+    vl = 32 // q.element_size()
+    d = q.shape[-1]
+    return d % vl == 0 and d // vl <= 8 and available(q.dtype)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transnext-native")
+    return _pool
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def aggregated_attention_forward(
+    qs: Tensor, kp_hat: Tensor, vp: Tensor, k_pad: Tensor, v_pad: Tensor, table: Tensor, y_index: Tensor,
+    y_weight: Tensor, local_table: Tensor, extra: Tensor, size: tuple[int, int], window: int,
+) -> Tensor:
+    """(B, h, N, d) output of Aggregated Attention from prepared inputs (see the C file for layouts).
+
+    ``qs`` (B, h, N, d) scaled queries; ``kp_hat`` / ``vp`` (B, h, P, d) normalised pooled keys and
+    pooled values; ``k_pad`` / ``v_pad`` (B, h, H+2r, W+2r, d); bias factors ``table`` (U, h, W, Kw),
+    ``y_index`` / ``y_weight`` (H, Kh, T); ``local_table`` (h, N, L); ``extra`` (B, h, N, L).
+    All in one dtype (float32 or float64) on the CPU, with no autograd graph.
+    """
+    lib = _library(qs.dtype)
+    if lib is None:
+        raise RuntimeError(f"native aggregated attention is not available: {build_error(qs.dtype)}")
+    B, h, N, d = qs.shape
+    H, W = size
+    P = kp_hat.shape[2]
+    vl = 32 // qs.element_size()
+    PP = -(-P // (2 * vl)) * (2 * vl)
+    kt = qs.new_zeros((B, h, d, PP))
+    kt[..., :P].copy_(kp_hat.transpose(-1, -2))
+    _, kh, taps = y_index.shape
+    kw = table.shape[3]
+    if table.stride(3) != 1 or table.stride(2) != kw:  # (x, kx) must be one contiguous run per (u, head)
+        table = table.contiguous()
+    inputs = [t.contiguous() for t in (qs, kt, vp, k_pad, v_pad)] + [table] + [
+        t.contiguous() for t in (y_index.to(torch.int64), y_weight.to(qs.dtype), local_table, extra)]
+    out = qs.new_empty((B, h, N, d))
+    items = B * h * H
+    workers = max(1, min(torch.get_num_threads(), items))
+    bounds = [items * i // workers for i in range(workers + 1)]
+    ptrs = [_ptr(t) for t in inputs] + [_ptr(out)]
+    dims = [table.stride(0), table.stride(1), h, H, W, d, P, PP, kh, kw, taps, window]
+    fn = lib.transnext_aggregated_attention_forward
+
+    def run(i: int) -> int:
+        return fn(*ptrs, *dims, bounds[i], bounds[i + 1])
+
+    with torch.profiler.record_function("transnext::native_aggregated_attention"):
+        if workers == 1:
+            codes = [run(0)]
+        else:
+            codes = list(_executor(workers).map(run, range(workers)))
+    if any(codes):
+        raise RuntimeError(f"native aggregated attention rejected its arguments (code {min(codes)})")
+    return out

@@ -1,0 +1,247 @@
+/* Aggregated Attention forward on CPU: logits, position bias, softmax and aggregation of a few
+ * queries at a time, in registers and a per-thread scratch row, never a (heads, N, Np) tensor.
+ *
+ * Compiled on first use by transnext.ops.native (one shared library per element type: -DREAL=float
+ * or -DREAL=double) and called through ctypes, one contiguous range of (batch*head, grid row)
+ * work items per thread. Portable C with GCC/Clang vector extensions (32-byte vectors: AVX2 on
+ * x86, two NEON registers on arm64); no intrinsics, no OpenMP, no torch headers.
+ *
+ * Layouts (all contiguous; BH = batch * heads, P = pooled keys, PP = P rounded up to 2 vectors):
+ *   qs     (BH, N, d)          scaled queries (q_hat + query_embedding) * temperature * length_scale
+ *   kt     (BH, d, PP)         normalised pooled keys, transposed, zero-padded to PP
+ *   vp     (BH, P, d)          pooled values
+ *   kpad   (BH, H+2r, W+2r, d) normalised keys, zero border of r = window / 2
+ *   vpad   (BH, H+2r, W+2r, d) values, zero border
+ *   table  (U, h, W, Kw)       pooled-key bias with the x axis resolved (see transnext.ops.bias)
+ *   yidx   (H, Kh, T) int64    slabs of table giving the bias of query row y, key row ky ...
+ *   yw     (H, Kh, T)          ... and their weights (T = 1 gather, T = 2 bilinear resize)
+ *   ltab   (h, N, L)           local-window bias, -inf on window slots outside the image
+ *   extra  (BH, N, L)          learnable-token term q_hat . tokens + learnable bias
+ *   out    (BH, N, d)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef REAL
+#define REAL float
+#endif
+
+#define VBYTES 32
+#define VL ((int)(VBYTES / sizeof(REAL)))
+#define QT 4 /* queries per register tile */
+#define MAX_LOCAL 64
+
+typedef REAL vec __attribute__((vector_size(VBYTES)));
+#if defined(REAL_IS_DOUBLE)
+typedef int64_t ivec __attribute__((vector_size(VBYTES)));
+#else
+typedef int32_t ivec __attribute__((vector_size(VBYTES)));
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE vec vload(const REAL *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+INLINE void vstore(REAL *p, vec v) { memcpy(p, &v, sizeof v); }
+INLINE vec vsplat(REAL x) { return (vec){0} + x; } /* scalar operand: one broadcast */
+INLINE vec vselect(ivec mask, vec a, vec b) { return (vec)((mask & (ivec)a) | (~mask & (ivec)b)); }
+INLINE vec vmax(vec a, vec b) { return vselect(a > b, a, b); }
+
+/* exp(x) for x <= 0 (softmax after the max is subtracted); exactly 0 below the normal range, so
+ * -inf (masked window slots) gives 0 as in the reference. */
+INLINE vec vexp_nonpositive(vec x) {
+#if defined(REAL_IS_DOUBLE)
+    vec r;
+    for (int i = 0; i < VL; i++) r[i] = exp(x[i]);
+    return r;
+#else
+    const ivec tiny = x < vsplat(-87.0f);
+    x = vmax(x, vsplat(-87.0f));
+    /* x = n ln2 + f, |f| <= ln2 / 2; n by round-to-nearest through the 1.5 * 2^23 shifter. */
+    const vec shifter = vsplat(12582912.0f);
+    vec n = x * vsplat(1.44269504088896341f) + shifter;
+    n = n - shifter;
+    vec f = x - n * vsplat(0.693359375f);
+    f = f - n * vsplat(-2.12194440e-4f);
+    /* Cephes expf polynomial on [-ln2/2, ln2/2] (relative error ~1e-7). */
+    vec p = vsplat(1.9875691500e-4f);
+    p = p * f + vsplat(1.3981999507e-3f);
+    p = p * f + vsplat(8.3334519073e-3f);
+    p = p * f + vsplat(4.1665795894e-2f);
+    p = p * f + vsplat(1.6666665459e-1f);
+    p = p * f + vsplat(5.0000001201e-1f);
+    p = p * (f * f) + f + vsplat(1.0f);
+    ivec e = __builtin_convertvector(n, ivec);
+    vec scale = (vec)((e + 127) << 23);
+    return vselect(tiny, vsplat(0.0f), p * scale);
+#endif
+}
+
+/* logits[qi][j] = q_qi . kt[:, j] for QT queries and all PP keys, two vectors of keys at a time. */
+INLINE void tile_logits(const REAL *const q[QT], const REAL *kt, int64_t d, int64_t PP, REAL *lg, int64_t ld) {
+    for (int64_t j = 0; j < PP; j += 2 * VL) {
+        vec acc[QT][2];
+        for (int qi = 0; qi < QT; qi++) acc[qi][0] = acc[qi][1] = vsplat(0);
+        for (int64_t c = 0; c < d; c++) {
+            const vec k0 = vload(kt + c * PP + j), k1 = vload(kt + c * PP + j + VL);
+            for (int qi = 0; qi < QT; qi++) {
+                const vec s = vsplat(q[qi][c]);
+                acc[qi][0] += s * k0;
+                acc[qi][1] += s * k1;
+            }
+        }
+        for (int qi = 0; qi < QT; qi++) {
+            vstore(lg + qi * ld + j, acc[qi][0]);
+            vstore(lg + qi * ld + j + VL, acc[qi][1]);
+        }
+    }
+}
+
+/* acc[qi] = sum_j e[qi][j] vp[j] for QT queries; DV vectors per value row (d = DV * VL). */
+INLINE void tile_aggregate(const REAL *e, int64_t ld, const REAL *vp, int64_t P, const int DV, REAL *res) {
+    vec acc[QT][8];
+    for (int qi = 0; qi < QT; qi++)
+        for (int t = 0; t < DV; t++) acc[qi][t] = vsplat(0);
+    for (int64_t j = 0; j < P; j++) {
+        vec v[8];
+        for (int t = 0; t < DV; t++) v[t] = vload(vp + j * DV * VL + t * VL);
+        for (int qi = 0; qi < QT; qi++) {
+            const vec s = vsplat(e[qi * ld + j]);
+            for (int t = 0; t < DV; t++) acc[qi][t] += s * v[t];
+        }
+    }
+    for (int qi = 0; qi < QT; qi++)
+        for (int t = 0; t < DV; t++) vstore(res + (qi * DV + t) * VL, acc[qi][t]);
+}
+
+/* Softmax numerators of one query in place over its row of n logits (n a multiple of VL; padding
+ * holds -inf). Returns 1 / sum. Two accumulators hide the latency of the max and sum chains. */
+static REAL softmax_numerators(REAL *lg, int64_t n) {
+    vec m0 = vsplat(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 2 * VL <= n; j += 2 * VL) {
+        m0 = vmax(m0, vload(lg + j));
+        m1 = vmax(m1, vload(lg + j + VL));
+    }
+    for (; j < n; j += VL) m0 = vmax(m0, vload(lg + j));
+    m0 = vmax(m0, m1);
+    REAL mx = m0[0];
+    for (int i = 1; i < VL; i++) mx = m0[i] > mx ? m0[i] : mx;
+    const vec mv = vsplat(mx);
+    vec s0 = vsplat(0), s1 = s0;
+    for (j = 0; j + 2 * VL <= n; j += 2 * VL) {
+        const vec e0 = vexp_nonpositive(vload(lg + j) - mv), e1 = vexp_nonpositive(vload(lg + j + VL) - mv);
+        vstore(lg + j, e0);
+        vstore(lg + j + VL, e1);
+        s0 += e0;
+        s1 += e1;
+    }
+    for (; j < n; j += VL) {
+        const vec e = vexp_nonpositive(vload(lg + j) - mv);
+        vstore(lg + j, e);
+        s0 += e;
+    }
+    s0 += s1;
+    REAL sum = 0;
+    for (int i = 0; i < VL; i++) sum += s0[i];
+    return (REAL)1 / sum;
+}
+
+/* Dot product of two rows of DV vectors. */
+INLINE REAL vdot(const REAL *a, const REAL *b, const int DV) {
+    vec acc = vload(a) * vload(b);
+    for (int t = 1; t < DV; t++) acc += vload(a + t * VL) * vload(b + t * VL);
+    REAL s = 0;
+    for (int i = 0; i < VL; i++) s += acc[i];
+    return s;
+}
+
+/* The work items [item0, item1) (item = bh * H + y: one grid row of one image and head). */
+INLINE void run_items(const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad,
+                      const REAL *table, int64_t table_su, int64_t table_sh, const int64_t *yidx, const REAL *yw,
+                      const REAL *ltab, const REAL *extra, REAL *out, int64_t h, int64_t H, int64_t W, int64_t P,
+                      int64_t PP, int64_t Kh, int64_t Kw, int64_t T, int64_t window, int64_t item0, int64_t item1,
+                      REAL *lg, const int DV) {
+    const int64_t d = DV * VL, r = window / 2, L = window * window, N = H * W, Wp = W + 2 * r;
+    const int64_t LP = (L + VL - 1) / VL * VL, ld = PP + LP; /* row: [pooled | local], -inf padded */
+    REAL res[QT * 8 * VL];
+    for (int64_t item = item0; item < item1; item++) {
+        const int64_t bh = item / H, y = item % H, head = bh % h;
+        const REAL *kt_bh = kt + bh * d * PP, *vp_bh = vp + bh * P * d;
+        const REAL *kpad_bh = kpad + bh * (H + 2 * r) * Wp * d, *vpad_bh = vpad + bh * (H + 2 * r) * Wp * d;
+        for (int64_t x0 = 0; x0 < W; x0 += QT) {
+            const REAL *q[QT];
+            int64_t xs[QT];
+            for (int qi = 0; qi < QT; qi++) {
+                xs[qi] = x0 + qi < W ? x0 + qi : W - 1; /* a short last tile repeats its last query */
+                q[qi] = qs + (bh * N + y * W + xs[qi]) * d;
+            }
+            tile_logits(q, kt_bh, d, PP, lg, ld);
+            REAL inv[QT];
+            for (int qi = 0; qi < QT; qi++) {
+                REAL *row = lg + qi * ld;
+                const int64_t n = y * W + xs[qi];
+                for (int64_t ky = 0; ky < Kh; ky++) {
+                    REAL *dst = row + ky * Kw;
+                    for (int64_t t = 0; t < T; t++) {
+                        const REAL w = yw[(y * Kh + ky) * T + t];
+                        const REAL *src = table + yidx[(y * Kh + ky) * T + t] * table_su + head * table_sh + xs[qi] * Kw;
+                        for (int64_t kx = 0; kx < Kw; kx++) dst[kx] += w * src[kx];
+                    }
+                }
+                for (int64_t j = P; j < PP; j++) row[j] = -INFINITY;
+                const REAL *lt = ltab + (head * N + n) * L;
+                for (int64_t o = 0; o < L; o++) {
+                    const REAL *kr = kpad_bh + ((y + o / window) * Wp + xs[qi] + o % window) * d;
+                    row[PP + o] = vdot(q[qi], kr, DV) + lt[o];
+                }
+                for (int64_t o = L; o < LP; o++) row[PP + o] = -INFINITY;
+                inv[qi] = softmax_numerators(row, ld);
+            }
+            tile_aggregate(lg, ld, vp_bh, P, DV, res);
+            for (int qi = 0; qi < QT && x0 + qi < W; qi++) {
+                const int64_t n = y * W + xs[qi];
+                const REAL *loc = lg + qi * ld + PP, *ex = extra + (bh * N + n) * L;
+                const vec iv = vsplat(inv[qi]);
+                vec o_[8];
+                for (int t = 0; t < DV; t++) o_[t] = vload(res + (qi * DV + t) * VL) * iv;
+                for (int64_t o = 0; o < L; o++) {
+                    const vec w = vsplat(loc[o] * inv[qi] + ex[o]);
+                    const REAL *vr = vpad_bh + ((y + o / window) * Wp + xs[qi] + o % window) * d;
+                    for (int t = 0; t < DV; t++) o_[t] += w * vload(vr + t * VL);
+                }
+                for (int t = 0; t < DV; t++) vstore(out + (bh * N + n) * d + t * VL, o_[t]);
+            }
+        }
+    }
+}
+
+/* Entry point (one symbol per element type). ``table`` is addressed as
+ * table[u * table_su + head * table_sh + x * Kw + kx]. Returns 0, or a negative code for arguments
+ * the kernel does not take (the caller checks them first; this is a last guard). */
+int transnext_aggregated_attention_forward(
+    const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad, const REAL *table,
+    const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, REAL *out, int64_t table_su,
+    int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P, int64_t PP, int64_t Kh, int64_t Kw,
+    int64_t T, int64_t window, int64_t item0, int64_t item1) {
+    if (d % VL != 0 || d / VL > 8 || PP % (2 * VL) != 0 || PP < P || window * window > MAX_LOCAL || Kh * Kw != P)
+        return -1;
+    const int64_t LP = (window * window + VL - 1) / VL * VL;
+    REAL *lg = (REAL *)malloc(sizeof(REAL) * (size_t)(QT * (PP + LP)));
+    if (lg == NULL) return -2;
+#define RUN(DV_) run_items(qs, kt, vp, kpad, vpad, table, table_su, table_sh, yidx, yw, ltab, extra, out, h, H, W, P, \
+                           PP, Kh, Kw, T, window, item0, item1, lg, DV_)
+    switch (d / VL) { /* constant vector counts let the compiler keep the tiles in registers */
+    case 3: RUN(3); break;
+    case 4: RUN(4); break;
+    case 6: RUN(6); break;
+    case 8: RUN(8); break;
+    default: RUN((int)(d / VL)); break;
+    }
+#undef RUN
+    free(lg);
+    return 0;
+}
+
+int transnext_native_vector_length(void) { return VL; }

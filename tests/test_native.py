@@ -1,0 +1,183 @@
+"""The native CPU kernel of the Aggregated Attention forward: against the reference backend in
+float64 (outputs of the op and of whole models, both bias modes, grids that split the kernel's
+query tiles unevenly), against the torch kernels in float32, routing, and its fallbacks."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import running_in_ci
+from test_ops import aa_inputs, assert_close, run_aa, tiny_model
+from transnext.models.geometry import StageGeometry, build_cpb_table
+from transnext.models.position_bias import SeparableBias
+from transnext.ops import native
+
+torch_backend = importlib.import_module("transnext.ops.torch_backend")
+transnext_module = importlib.import_module("transnext.models.transnext")
+
+
+@pytest.fixture(autouse=True)
+def _native_required(monkeypatch):
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    if not native.available(torch.float64) or not native.available(torch.float32):
+        msg = f"the native kernel could not be built here: {native.build_error(torch.float64) or native.build_error()}"
+        if running_in_ci():
+            pytest.fail(f"{msg}; CI has a C compiler, so the native kernel must be tested there", pytrace=False)
+        pytest.skip(msg)
+
+
+def _count_native_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = native.aggregated_attention_forward
+    monkeypatch.setattr(native, "aggregated_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+# (B, h, (H, W), d, pool): W below, at and above the 4-query tile, pooled counts that are not a
+# multiple of the vector length, head sizes of one, two and six vectors in float64.
+CASES = [
+    (2, 2, (7, 11), 8, (3, 5)),
+    (1, 3, (13, 5), 4, (2, 1)),
+    (1, 2, (1, 6), 24, (1, 3)),
+    (2, 1, (9, 9), 8, (7, 7)),
+    (1, 2, (6, 3), 16, (6, 3)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}_{c[2][0]}x{c[2][1]}_d{c[3]}_p{c[4][0]}x{c[4][1]}")
+def test_native_op_matches_reference_float64(monkeypatch, case) -> None:
+    calls = _count_native_calls(monkeypatch)
+    B, h, size, d, pool = case
+    t, extra = aa_inputs(B, h, size, d, pool)
+    ref, _ = run_aa("reference", t, extra)
+    with torch.no_grad():
+        out, _ = run_aa("torch", {k: v.detach() for k, v in t.items()}, extra)
+    assert calls, "inference with a supported head size must run the native kernel"
+    assert_close(out, ref, "native output")
+
+
+GEOMETRIES = [
+    # (actual grid, pooled grid, MLP grid for queries, keys, pretrain grid, interpolate)
+    ((7, 11), (3, 5), (7, 11), (3, 5), (6, 6), False),
+    ((13, 9), (4, 3), (8, 8), (2, 2), (8, 8), True),  # two taps per axis: the bias resized from a trained grid
+]
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=["extrapolate", "interpolate"])
+def test_native_op_with_separable_bias(monkeypatch, geo) -> None:
+    """The kernel reads the bias from its factors (one or two taps per query row) as the reference
+    reads the whole tensor."""
+    calls = _count_native_calls(monkeypatch)
+    size, pool, query, key, pretrain, interpolate = geo
+    torch.manual_seed(0)
+    attn = transnext_module.AggregatedAttention(12, 3, sr_ratio=2).double()
+    geom = StageGeometry(size=size, pool=pool, window=3, cpb=build_cpb_table(query, key, pretrain), interpolate=interpolate)
+    with torch.no_grad():
+        table = attn._bias_table(geom, torch.float64, torch.device("cpu"))[0]
+        sep = SeparableBias.from_mlp_table(table, *geom.bias_taps(torch.float64, torch.device("cpu")))
+    t, extra = aa_inputs(2, 3, size, 4, pool)
+    t["pool_bias"] = sep.materialize()
+    ref, _ = run_aa("reference", t, extra)
+    t["pool_bias"] = sep
+    with torch.no_grad():
+        out = torch_backend.aggregated_attention(
+            t["q"], t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"],
+            extra["length_scale"], t["local_bias"], sep, t["learnable_tokens"], t["learnable_bias"],
+            extra["padding_mask"], size, 3,
+        )
+    assert calls
+    assert_close(out, ref, "native output, separable bias")
+
+
+def test_native_float32_matches_torch_kernels(monkeypatch) -> None:
+    t, extra = aa_inputs(2, 3, (11, 13), 24, (4, 5), dtype=torch.float32)
+    with torch.no_grad():
+        out, _ = run_aa("torch", t, extra)
+        monkeypatch.setenv(native.ENV_VAR, "0")
+        ref, _ = run_aa("torch", t, extra)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, "native float32 output", tol=1e-5)
+
+
+@pytest.mark.parametrize("fixed_pool_size", [None, 2])
+def test_model_inference_native_equals_reference(monkeypatch, fixed_pool_size) -> None:
+    """Whole model in float64 on an odd, non-square input: native kernel against the reference backend."""
+    calls = _count_native_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = tiny_model(fixed_pool_size=fixed_pool_size).double().eval()
+    x = torch.randn(2, 3, 45, 71, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+        model.set_attn_backend("reference")
+        ref = model(x)
+    assert calls
+    assert_close(out, ref, "model output")
+
+
+def test_training_forward_uses_native_and_gradients_stay_exact(monkeypatch) -> None:
+    """With gradients the blocked op's forward runs natively; its backward (torch) is unchanged."""
+    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
+    calls = _count_native_calls(monkeypatch)
+    t, extra = aa_inputs(1, 2, (7, 9), 8, (3, 3))
+    g = torch.randn(1, 2, 63, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_out, ref_grads = run_aa("reference", t, extra, g)
+    out, grads = run_aa("torch", t, extra, g)
+    assert calls
+    assert_close(out, ref_out, "output")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], f"grad of {name}")
+
+
+def test_unsupported_head_size_and_switch_fall_back_to_torch(monkeypatch) -> None:
+    calls = _count_native_calls(monkeypatch)
+    t, extra = aa_inputs(1, 2, (5, 6), 6, (2, 3))  # 6 is not a multiple of 4 float64 lanes
+    assert not native.supports(t["q"], 3)
+    with torch.no_grad():
+        run_aa("torch", t, extra)
+    assert calls == []
+    t, extra = aa_inputs(1, 2, (5, 6), 8, (2, 3))
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    assert not native.available(torch.float64)
+    with torch.no_grad():
+        out, _ = run_aa("torch", t, extra)
+    assert calls == []
+    ref, _ = run_aa("reference", t, extra)
+    assert_close(out, ref, "torch kernels with the native kernel switched off")
+
+
+def test_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path) -> None:
+    """No usable compiler: available() is False with the reason, and the model still runs."""
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_errors", {})
+    monkeypatch.setenv("TRANSNEXT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert not native.available(torch.float64)
+    assert "no C compiler found" in native.build_error(torch.float64)
+    with pytest.raises(RuntimeError, match="not available"):
+        t, extra = aa_inputs(1, 1, (3, 3), 4, (1, 1))
+        native.aggregated_attention_forward(
+            t["q"], t["k_pool"], t["v_pool"], t["k"], t["v"], t["pool_bias"], torch.zeros(1, 1, 1, dtype=torch.int64),
+            torch.ones(1, 1, 1), t["local_bias"], t["local_bias"], (3, 3), 3,
+        )
+    torch.manual_seed(0)
+    model = tiny_model().double().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 40, 40, dtype=torch.float64))
+    assert torch.isfinite(out).all()
+
+
+def test_build_is_cached_and_atomic(monkeypatch, tmp_path) -> None:
+    """A fresh cache builds one library per element type, named by a hash; no partial files remain."""
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_errors", {})
+    monkeypatch.setenv("TRANSNEXT_CACHE_DIR", str(tmp_path))
+    assert native.available(torch.float32)
+    files = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert len(files) == 1 and files[0].startswith("aggregated_attention_float_") and files[0].endswith(".so")
+    monkeypatch.setattr(native, "_libs", {})
+    assert native.available(torch.float32)  # found in the cache, not rebuilt
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == files
+
