@@ -181,3 +181,20 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path) -> None:
     assert native.available(torch.float32)  # found in the cache, not rebuilt
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == files
 
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=["extrapolate", "interpolate"])
+def test_native_bias_table_equals_torch_formulation(monkeypatch, geo) -> None:
+    size, pool, query, key, pretrain, interpolate = geo
+    torch.manual_seed(0)
+    attn = transnext_module.AggregatedAttention(12, 3, sr_ratio=2).double()
+    geom = StageGeometry(size=size, pool=pool, window=3, cpb=build_cpb_table(query, key, pretrain), interpolate=interpolate)
+    taps = geom.bias_taps(torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        table = attn._bias_table(geom, torch.float64, torch.device("cpu"))[0]
+        ours = SeparableBias.from_mlp_table(table, *taps)
+        monkeypatch.setenv(native.ENV_VAR, "0")
+        ref = SeparableBias.from_mlp_table(table, *taps)
+    assert_close(ours.table, ref.table, "x-resolved bias table")
+    with pytest.raises(ValueError, match="x taps index"):
+        native.bias_table(table[:, :, :1], *taps[1])

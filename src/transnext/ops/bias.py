@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import native
+
 __all__ = ["SeparableBias", "rows_from_table", "table_grad_from_rows"]
 
 Size = tuple[int, int]
@@ -44,6 +46,10 @@ class SeparableBias:
         """From the bias MLP on unique pairs (h, Uy, Ux) and both axes' taps (index, weight),
         each (queries, keys, taps) along its axis."""
         x_index, x_weight = x_taps
+        y_index, y_weight = y_taps
+        if native.usable(mlp_table):
+            # Inference on CPU: one pass writing the table in its final layout.
+            return cls(native.bias_table(mlp_table, x_index, x_weight), y_index, y_weight.to(mlp_table.dtype))
         h, uy, _ = mlp_table.shape
         W, kw, _ = x_index.shape
         # Gather whole (Uy, h) slabs along the unique-x axis (fast copies, not element gathers).
@@ -54,7 +60,6 @@ class SeparableBias:
             part = by_x.index_select(0, x_index[..., t].reshape(-1)).view(W, kw, uy, h)
             wt = weights[..., t].view(W, kw, 1, 1)
             table = part * wt if table is None else table.addcmul_(part, wt) if not table.requires_grad else table + part * wt
-        y_index, y_weight = y_taps
         return cls(table.permute(2, 3, 0, 1).contiguous(), y_index, y_weight.to(mlp_table.dtype))
 
     @classmethod

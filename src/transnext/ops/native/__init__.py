@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV_VAR", "available", "aggregated_attention_forward", "build_error", "supports"]
+__all__ = ["ENV_VAR", "aggregated_attention_forward", "available", "bias_table", "build_error", "supports", "usable"]
 
 ENV_VAR = "TRANSNEXT_NATIVE"
 _SOURCE = Path(__file__).with_name("aggregated_attention.c")
@@ -95,6 +95,8 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 14
         lib.transnext_native_vector_length.restype = ctypes.c_int
+        lib.transnext_bias_table.restype = ctypes.c_int
+        lib.transnext_bias_table.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
         return lib
     raise RuntimeError("compiling the native kernel failed: " + " | ".join(errors))
 
@@ -133,6 +135,17 @@ def supports(q: Tensor, window: int) -> bool:
     return d % vl == 0 and d // vl <= 8 and available(q.dtype)
 
 
+def usable(*tensors: Tensor) -> bool:
+    """Whether plain CPU tensors of one supported dtype, outside autograd, tracing and compilation,
+    can go to the native kernels (and the kernels are available)."""
+    t0 = tensors[0]
+    if t0.device.type != "cpu" or t0.dtype not in _DTYPES or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.dtype == t0.dtype and t.device == t0.device for t in tensors) and available(t0.dtype)
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool
     if _pool is None or _pool._max_workers < workers:
@@ -142,6 +155,39 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 def _ptr(t: Tensor) -> int:
     return t.data_ptr()
+
+
+def _parallel(fn, items: int, *args) -> None:
+    """Run ``fn(*args, item0, item1)`` over [0, items) split into one contiguous range per thread."""
+    workers = max(1, min(torch.get_num_threads(), items))
+    bounds = [items * i // workers for i in range(workers + 1)]
+
+    def run(i: int) -> int:
+        return fn(*args, bounds[i], bounds[i + 1])
+
+    codes = [run(0)] if workers == 1 else list(_executor(workers).map(run, range(workers)))
+    if any(codes):
+        raise RuntimeError(f"a native kernel rejected its arguments (code {min(codes)})")
+
+
+def bias_table(mlp_table: Tensor, x_index: Tensor, x_weight: Tensor) -> Tensor:
+    """(Uy, h, W, Kw) pooled-key bias with the x axis resolved, from the bias MLP on unique pairs
+    ``mlp_table`` (h, Uy, Ux) and the x-axis taps (W, Kw, T): the table of
+    :meth:`transnext.ops.bias.SeparableBias.from_mlp_table`, without autograd."""
+    lib = _library(mlp_table.dtype)
+    if lib is None:
+        raise RuntimeError(f"native kernels are not available: {build_error(mlp_table.dtype)}")
+    h, uy, ux = mlp_table.shape
+    W, kw, taps = x_index.shape
+    if int(x_index.min()) < 0 or int(x_index.max()) >= ux:
+        raise ValueError(f"x taps index {ux} unique x offsets; got indices in [{int(x_index.min())}, {int(x_index.max())}]")
+    mlp = mlp_table.contiguous()
+    ix = x_index.to(torch.int64).contiguous()
+    wx = x_weight.to(mlp.dtype).contiguous()
+    out = mlp.new_empty((uy, h, W, kw))
+    with torch.profiler.record_function("transnext::native_bias_table"):
+        _parallel(lib.transnext_bias_table, uy * h, _ptr(mlp), _ptr(ix), _ptr(wx), _ptr(out), h, uy, ux, W, kw, taps)
+    return out
 
 
 def aggregated_attention_forward(
@@ -167,26 +213,18 @@ def aggregated_attention_forward(
     kt[..., :P].copy_(kp_hat.transpose(-1, -2))
     _, kh, taps = y_index.shape
     kw = table.shape[3]
+    if kh * kw != P or table.shape[1:3] != (h, W) or y_index.shape[0] != H:
+        raise ValueError(f"bias factors {tuple(table.shape)} / {tuple(y_index.shape)} do not match {h} heads, a {H}x{W} "
+                         f"grid and {P} pooled keys")
+    if int(y_index.min()) < 0 or int(y_index.max()) >= table.shape[0]:
+        raise ValueError(f"bias row index out of range [0, {table.shape[0]}): [{int(y_index.min())}, {int(y_index.max())}]")
     if table.stride(3) != 1 or table.stride(2) != kw:  # (x, kx) must be one contiguous run per (u, head)
         table = table.contiguous()
     inputs = [t.contiguous() for t in (qs, kt, vp, k_pad, v_pad)] + [table] + [
         t.contiguous() for t in (y_index.to(torch.int64), y_weight.to(qs.dtype), local_table, extra)]
     out = qs.new_empty((B, h, N, d))
-    items = B * h * H
-    workers = max(1, min(torch.get_num_threads(), items))
-    bounds = [items * i // workers for i in range(workers + 1)]
     ptrs = [_ptr(t) for t in inputs] + [_ptr(out)]
     dims = [table.stride(0), table.stride(1), h, H, W, d, P, PP, kh, kw, taps, window]
-    fn = lib.transnext_aggregated_attention_forward
-
-    def run(i: int) -> int:
-        return fn(*ptrs, *dims, bounds[i], bounds[i + 1])
-
     with torch.profiler.record_function("transnext::native_aggregated_attention"):
-        if workers == 1:
-            codes = [run(0)]
-        else:
-            codes = list(_executor(workers).map(run, range(workers)))
-    if any(codes):
-        raise RuntimeError(f"native aggregated attention rejected its arguments (code {min(codes)})")
+        _parallel(lib.transnext_aggregated_attention_forward, B * h * H, *ptrs, *dims)
     return out

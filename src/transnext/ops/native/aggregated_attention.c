@@ -44,7 +44,11 @@ typedef int32_t ivec __attribute__((vector_size(VBYTES)));
 
 INLINE vec vload(const REAL *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 INLINE void vstore(REAL *p, vec v) { memcpy(p, &v, sizeof v); }
-INLINE vec vsplat(REAL x) { return (vec){0} + x; } /* scalar operand: one broadcast */
+#if defined(REAL_IS_DOUBLE)
+INLINE vec vsplat(REAL x) { return (vec){x, x, x, x}; }
+#else
+INLINE vec vsplat(REAL x) { return (vec){x, x, x, x, x, x, x, x}; }
+#endif
 INLINE vec vselect(ivec mask, vec a, vec b) { return (vec)((mask & (ivec)a) | (~mask & (ivec)b)); }
 INLINE vec vmax(vec a, vec b) { return vselect(a > b, a, b); }
 
@@ -241,6 +245,25 @@ int transnext_aggregated_attention_forward(
     }
 #undef RUN
     free(lg);
+    return 0;
+}
+
+/* The pooled-key bias with the x axis resolved (the ``table`` above) from the bias MLP evaluated on
+ * unique pairs: out[u, head, x, kx] = sum_t wx[x, kx, t] * mlp[head, u, ix[x, kx, t]], for the
+ * items [item0, item1) (item = u * h + head). One pass writing the table in its final layout, where
+ * the torch formulation gathers, scales and transposes copies of it. */
+int transnext_bias_table(const REAL *mlp, const int64_t *ix, const REAL *wx, REAL *out, int64_t h, int64_t Uy,
+                         int64_t Ux, int64_t W, int64_t Kw, int64_t T, int64_t item0, int64_t item1) {
+    for (int64_t item = item0; item < item1; item++) {
+        const int64_t u = item / h, head = item % h;
+        const REAL *src = mlp + (head * Uy + u) * Ux;
+        REAL *dst = out + item * W * Kw;
+        for (int64_t e = 0; e < W * Kw; e++) {
+            REAL acc = 0;
+            for (int64_t t = 0; t < T; t++) acc += wx[e * T + t] * src[ix[e * T + t]];
+            dst[e] = acc;
+        }
+    }
     return 0;
 }
 
