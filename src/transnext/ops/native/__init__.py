@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = ["ENV_VAR", "aggregated_attention_forward", "available", "bias_table", "build_error", "supports", "usable"]
 
 ENV_VAR = "TRANSNEXT_NATIVE"
+_XBAND = 16  # query columns per work item (XBAND in the C source)
 _SOURCE = Path(__file__).with_name("aggregated_attention.c")
 _DTYPES = {torch.float32: ("float", ""), torch.float64: ("double", "-DREAL_IS_DOUBLE")}
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
@@ -209,8 +210,10 @@ def aggregated_attention_forward(
     P = kp_hat.shape[2]
     vl = 32 // qs.element_size()
     PP = -(-P // (2 * vl)) * (2 * vl)
-    kt = qs.new_zeros((B, h, d, PP))
-    kt[..., :P].copy_(kp_hat.transpose(-1, -2))
+    # Pooled keys in panels of 2 vectors of keys: (B, h, PP / (2 vl), d, 2 vl), zero-padded.
+    kt = qs.new_zeros((B, h, PP, d))
+    kt[:, :, :P].copy_(kp_hat)
+    kt = kt.view(B, h, PP // (2 * vl), 2 * vl, d).transpose(-1, -2).contiguous()
     _, kh, taps = y_index.shape
     kw = table.shape[3]
     if kh * kw != P or table.shape[1:3] != (h, W) or y_index.shape[0] != H:
@@ -226,5 +229,5 @@ def aggregated_attention_forward(
     ptrs = [_ptr(t) for t in inputs] + [_ptr(out)]
     dims = [table.stride(0), table.stride(1), h, H, W, d, P, PP, kh, kw, taps, window]
     with torch.profiler.record_function("transnext::native_aggregated_attention"):
-        _parallel(lib.transnext_aggregated_attention_forward, B * h * H, *ptrs, *dims)
+        _parallel(lib.transnext_aggregated_attention_forward, B * h * -(-W // _XBAND), *ptrs, *dims)
     return out

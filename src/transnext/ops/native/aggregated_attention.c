@@ -8,7 +8,8 @@
  *
  * Layouts (all contiguous; BH = batch * heads, P = pooled keys, PP = P rounded up to 2 vectors):
  *   qs     (BH, N, d)          scaled queries (q_hat + query_embedding) * temperature * length_scale
- *   kt     (BH, d, PP)         normalised pooled keys, transposed, zero-padded to PP
+ *   kt     (BH, PP/(2VL), d, 2VL) normalised pooled keys in panels of 2 vectors of keys (one
+ *                          sequential stream for the logits), zero-padded to PP keys
  *   vp     (BH, P, d)          pooled values
  *   kpad   (BH, H+2r, W+2r, d) normalised keys, zero border of r = window / 2
  *   vpad   (BH, H+2r, W+2r, d) values, zero border
@@ -32,6 +33,9 @@
 #define VL ((int)(VBYTES / sizeof(REAL)))
 #define QT 4 /* queries per register tile */
 #define MAX_LOCAL 64
+#ifndef XBAND
+#define XBAND 16 /* query columns per work item */
+#endif
 
 typedef REAL vec __attribute__((vector_size(VBYTES)));
 #if defined(REAL_IS_DOUBLE)
@@ -82,13 +86,13 @@ INLINE vec vexp_nonpositive(vec x) {
 #endif
 }
 
-/* logits[qi][j] = q_qi . kt[:, j] for QT queries and all PP keys, two vectors of keys at a time. */
+/* logits[qi][j] = q_qi . key j for QT queries and all PP keys, one panel of two vectors of keys at a time. */
 INLINE void tile_logits(const REAL *const q[QT], const REAL *kt, int64_t d, int64_t PP, REAL *lg, int64_t ld) {
     for (int64_t j = 0; j < PP; j += 2 * VL) {
         vec acc[QT][2];
         for (int qi = 0; qi < QT; qi++) acc[qi][0] = acc[qi][1] = vsplat(0);
         for (int64_t c = 0; c < d; c++) {
-            const vec k0 = vload(kt + c * PP + j), k1 = vload(kt + c * PP + j + VL);
+            const vec k0 = vload(kt + j * d + c * 2 * VL), k1 = vload(kt + j * d + c * 2 * VL + VL);
             for (int qi = 0; qi < QT; qi++) {
                 const vec s = vsplat(q[qi][c]);
                 acc[qi][0] += s * k0;
@@ -161,7 +165,9 @@ INLINE REAL vdot(const REAL *a, const REAL *b, const int DV) {
     return s;
 }
 
-/* The work items [item0, item1) (item = bh * H + y: one grid row of one image and head). */
+/* The work items [item0, item1) (item = bh * bands + band: a band of XBAND query columns of one image
+ * and head, all rows). Going down a band, consecutive rows use nearly the same bias slabs, so the
+ * band's slabs, the pooled keys and values stay in the core's L2 cache. */
 INLINE void run_items(const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad,
                       const REAL *table, int64_t table_su, int64_t table_sh, const int64_t *yidx, const REAL *yw,
                       const REAL *ltab, const REAL *extra, REAL *out, int64_t h, int64_t H, int64_t W, int64_t P,
@@ -170,15 +176,18 @@ INLINE void run_items(const REAL *qs, const REAL *kt, const REAL *vp, const REAL
     const int64_t d = DV * VL, r = window / 2, L = window * window, N = H * W, Wp = W + 2 * r;
     const int64_t LP = (L + VL - 1) / VL * VL, ld = PP + LP; /* row: [pooled | local], -inf padded */
     REAL res[QT * 8 * VL];
+    const int64_t bands = (W + XBAND - 1) / XBAND;
     for (int64_t item = item0; item < item1; item++) {
-        const int64_t bh = item / H, y = item % H, head = bh % h;
+        const int64_t bh = item / bands, band = item % bands, head = bh % h;
         const REAL *kt_bh = kt + bh * d * PP, *vp_bh = vp + bh * P * d;
         const REAL *kpad_bh = kpad + bh * (H + 2 * r) * Wp * d, *vpad_bh = vpad + bh * (H + 2 * r) * Wp * d;
-        for (int64_t x0 = 0; x0 < W; x0 += QT) {
+        const int64_t x_end = (band + 1) * XBAND < W ? (band + 1) * XBAND : W;
+        for (int64_t y = 0; y < H; y++)
+        for (int64_t x0 = band * XBAND; x0 < x_end; x0 += QT) {
             const REAL *q[QT];
             int64_t xs[QT];
             for (int qi = 0; qi < QT; qi++) {
-                xs[qi] = x0 + qi < W ? x0 + qi : W - 1; /* a short last tile repeats its last query */
+                xs[qi] = x0 + qi < x_end ? x0 + qi : x_end - 1; /* a short last tile repeats its last query */
                 q[qi] = qs + (bh * N + y * W + xs[qi]) * d;
             }
             tile_logits(q, kt_bh, d, PP, lg, ld);
@@ -204,7 +213,7 @@ INLINE void run_items(const REAL *qs, const REAL *kt, const REAL *vp, const REAL
                 inv[qi] = softmax_numerators(row, ld);
             }
             tile_aggregate(lg, ld, vp_bh, P, DV, res);
-            for (int qi = 0; qi < QT && x0 + qi < W; qi++) {
+            for (int qi = 0; qi < QT && x0 + qi < x_end; qi++) {
                 const int64_t n = y * W + xs[qi];
                 const REAL *loc = lg + qi * ld + PP, *ex = extra + (bh * N + n) * L;
                 const vec iv = vsplat(inv[qi]);
