@@ -117,8 +117,60 @@ def test_model_inference_native_equals_reference(monkeypatch, fixed_pool_size) -
     assert_close(out, ref, "model output")
 
 
+def _count_backward_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = native.aggregated_attention_backward
+    monkeypatch.setattr(native, "aggregated_attention_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}_{c[2][0]}x{c[2][1]}_d{c[3]}_p{c[4][0]}x{c[4][1]}")
+def test_native_backward_matches_reference_float64(monkeypatch, case) -> None:
+    """Every input gradient of the blocked op with the native backward, against the reference."""
+    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
+    calls = _count_backward_calls(monkeypatch)
+    B, h, size, d, pool = case
+    t, extra = aa_inputs(B, h, size, d, pool)
+    g = torch.randn(B, h, size[0] * size[1], d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_out, ref_grads = run_aa("reference", t, extra, g)
+    out, grads = run_aa("torch", t, extra, g)
+    assert calls
+    assert_close(out, ref_out, "output")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=["extrapolate", "interpolate"])
+def test_native_backward_through_separable_bias(monkeypatch, geo) -> None:
+    """Gradient into the bias MLP through the factors (one or two taps), and only the gradients
+    that are wanted (keys and values frozen here)."""
+    calls = _count_backward_calls(monkeypatch)
+    size, pool, query, key, pretrain, interpolate = geo
+    torch.manual_seed(0)
+    attn = transnext_module.AggregatedAttention(12, 3, sr_ratio=2).double()
+    geom = StageGeometry(size=size, pool=pool, window=3, cpb=build_cpb_table(query, key, pretrain), interpolate=interpolate)
+    t, extra = aa_inputs(2, 3, size, 4, pool)
+    q = t["q"].clone().requires_grad_()
+
+    def run(backend, sep: bool):
+        table = attn._bias_table(geom, torch.float64, torch.device("cpu"))[0]
+        bias = SeparableBias.from_mlp_table(table, *geom.bias_taps(torch.float64, torch.device("cpu")))
+        out = torch_backend.aggregated_attention if backend == "torch" else importlib.import_module(
+            "transnext.ops.reference").aggregated_attention
+        res = out(q, t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"],
+                  extra["length_scale"], t["local_bias"], bias if sep else bias.materialize(), t["learnable_tokens"],
+                  t["learnable_bias"], extra["padding_mask"], size, 3)
+        return torch.autograd.grad((res * res).sum(), [q, attn.cpb_fc1.weight, attn.cpb_fc2.bias])
+
+    ref = run("reference", False)
+    ours = run("torch", True)
+    assert calls
+    for name, a, b in zip(("q", "cpb_fc1.weight", "cpb_fc2.bias"), ours, ref):
+        assert_close(a, b, f"grad of {name}")
+
+
 def test_training_forward_uses_native_and_gradients_stay_exact(monkeypatch) -> None:
-    """With gradients the blocked op's forward runs natively; its backward (torch) is unchanged."""
+    """With gradients the blocked op's forward runs natively, and so does its backward."""
     monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
     calls = _count_native_calls(monkeypatch)
     t, extra = aa_inputs(1, 2, (7, 9), 8, (3, 3))

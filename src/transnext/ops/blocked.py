@@ -198,8 +198,7 @@ def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local
     q_hat, q_norm, k_pad, k_norm, v_pad = p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad
     kp_hat, kp_norm, vp = p.kp_hat, p.kp_norm, p.vp
     (H, W), window = geometry
-    B, h, N, d = q_hat.shape
-    r, L, Np = window // 2, window * window, kp_hat.shape[2]
+    r = window // 2
     dt = q_hat.dtype
     with autocast_off(q_hat.device.type):
         g = grad_out.to(dt).contiguous()
@@ -209,74 +208,23 @@ def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local
         bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
         local_table = _local_table(local_bias, padding_mask, dt)
         tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
-        rows = block_rows(B, h, W, Np + L, H)
-        block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
-        d_buf = torch.empty_like(block.buf)  # d(loss)/d(probabilities), then the logits' gradient
-        d_out = torch.empty_like(block.buf)
-        part = torch.empty((B * h, Np, d), dtype=dt, device=q_hat.device)  # per-block key/value gradients
-
-        dqs = torch.empty_like(qs)
-        dq_hat = torch.empty_like(q_hat)
-        dkp_hat = torch.zeros_like(kp_hat)
-        dvp = torch.zeros_like(vp)
-        dk_pad = torch.zeros_like(k_pad) if needs[1] else None
-        dv_pad = torch.zeros_like(v_pad) if needs[2] else None
-        d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs[9] else None
-        d_local_bias = torch.zeros((h, L), dtype=dt, device=q_hat.device)
-        d_tokens = torch.zeros((h, d, L), dtype=dt, device=q_hat.device)
-        d_lbias = torch.zeros((h, 1, L), dtype=dt, device=q_hat.device)
-        vp2 = vp.view(B * h, Np, d)
-        for y0 in range(0, H, rows):
-            y1 = min(H, y0 + rows)
-            n0, n1, nr = y0 * W, y1 * W, y1 - y0
-            nb = n1 - n0
-            probs = block.probs(p, qs, bias, local_table, y0, y1, window)
-            g_blk = g[:, :, n0:n1]
-            g5 = g_blk.view(B, h, nr, W, d)
-            # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
-            dp = d_buf[:, :nb]
-            torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2), out=block.qk[:, :nb])
-            dp[:, :, :Np].copy_(block.qk[:, :nb])
-            d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
-            tmp = torch.empty_like(g5)
-            for o, i, j in _offsets(window):
-                torch.mul(g5, v_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
-                torch.sum(tmp, dim=-1, out=d_w[..., o])
-            d_w = d_w.view(B, h, nb, L)
-            dp.view(B, h, nb, Np + L)[..., Np:].copy_(d_w)
-            q_blk = q_hat[:, :, n0:n1]
-            d_tokens += torch.matmul(q_blk.transpose(-1, -2), d_w).sum(0)
-            d_lbias += d_w.sum((0, 2)).unsqueeze(1)
-            torch.matmul(d_w, tokens.transpose(-1, -2), out=dq_hat[:, :, n0:n1])
-            # Local aggregation weights (for the value gradient) before the softmax backward reuses memory.
-            if dv_pad is not None:
-                weights = torch.matmul(q_blk, tokens)
-                weights += probs[:, :, Np:].view(B, h, nb, L)
-                weights += lbias
-                w5 = weights.view(B, h, nr, W, L)
-                for o, i, j in _offsets(window):
-                    dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
-            dvp.view(B * h, Np, d).add_(torch.bmm(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d), out=part))
-            d_logits = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, dt, grad_input=d_out[:, :nb])
-            d_pool = d_logits[:, :, :Np]
-            d_loc = d_logits[:, :, Np:].reshape(B, h, nr, W, L)
-            d_local_bias += d_loc.sum((0, 2, 3))
-            if d_table is not None:
-                kh, kw = bias_y_index.shape[1], bias_table.shape[3]
-                grad_rows = d_pool.reshape(B, h, nr, W, kh, kw).sum(0)
-                table_grad_from_rows(grad_rows, bias_y_index, bias[2], y0, y1, d_table)
-            qs_blk = qs[:, :, n0:n1]
-            dqs_blk = dqs[:, :, n0:n1]
-            torch.matmul(d_pool.view(B, h, nb, Np), kp_hat, out=dqs_blk)
-            dkp_hat.view(B * h, Np, d).add_(torch.bmm(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d), out=part))
-            dqs5 = dqs_blk.view(B, h, nr, W, d)
-            qs5 = qs_blk.view(B, h, nr, W, d)
-            for o, i, j in _offsets(window):
-                dz = d_loc[..., o : o + 1]
-                dqs5.addcmul_(dz, k_pad[:, :, y0 + i : y1 + i, j : j + W])
-                if dk_pad is not None:
-                    dk_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(dz, qs5)
-            del probs, d_logits
+        if native.supports(q_hat, window):
+            extra = torch.matmul(q_hat, tokens).add_(lbias)
+            grads = native.aggregated_attention_backward(
+                g, qs, kp_hat, vp, k_pad, v_pad, bias[0], bias[1], bias[2], local_table, extra, (H, W), window,
+                want_k=needs[1], want_v=needs[2], want_table=needs[9],
+            )
+            del extra
+            dqs, dw, dkp_hat, dvp = grads["dqs"], grads["dw"], grads["dkp"], grads["dvp"]
+            dk_pad, dv_pad, d_table = grads["dk_pad"], grads["dv_pad"], grads["dtable"]
+            d_tokens = torch.matmul(q_hat.transpose(-1, -2), dw).sum(0)
+            d_lbias = dw.sum((0, 2)).unsqueeze(1)
+            dq_hat = torch.matmul(dw, tokens.transpose(-1, -2))
+            d_local_bias = grads["dloc"].sum((0, 2))
+            del grads, dw
+        else:
+            dqs, dq_hat, dkp_hat, dvp, dk_pad, dv_pad, d_table, d_local_bias, d_tokens, d_lbias = _blocks_backward(
+                p, g, qs, bias, local_table, tokens, lbias, bias_table, bias_y_index, (H, W), window, needs)
 
         # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
         del qs
@@ -293,6 +241,85 @@ def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local
         _cast(d_tokens if needs[12] else None, learnable_tokens.dtype),
         _cast(d_lbias if needs[13] else None, learnable_bias.dtype), None,
     )
+
+
+def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Tensor, tokens: Tensor, lbias: Tensor,
+                     bias_table: Tensor, bias_y_index: Tensor, size, window: int, needs) -> tuple:
+    """The backward's per-block loop in torch ops (where the native kernel does not run)."""
+    q_hat, k_pad, v_pad, kp_hat, vp = p.q_hat, p.k_pad, p.v_pad, p.kp_hat, p.vp
+    H, W = size
+    B, h, N, d = q_hat.shape
+    L, Np = window * window, kp_hat.shape[2]
+    dt = q_hat.dtype
+    rows = block_rows(B, h, W, Np + L, H)
+    block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
+    d_buf = torch.empty_like(block.buf)  # d(loss)/d(probabilities), then the logits' gradient
+    d_out = torch.empty_like(block.buf)
+    part = torch.empty((B * h, Np, d), dtype=dt, device=q_hat.device)  # per-block key/value gradients
+
+    dqs = torch.empty_like(qs)
+    dq_hat = torch.empty_like(q_hat)
+    dkp_hat = torch.zeros_like(kp_hat)
+    dvp = torch.zeros_like(vp)
+    dk_pad = torch.zeros_like(k_pad) if needs[1] else None
+    dv_pad = torch.zeros_like(v_pad) if needs[2] else None
+    d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs[9] else None
+    d_local_bias = torch.zeros((h, L), dtype=dt, device=q_hat.device)
+    d_tokens = torch.zeros((h, d, L), dtype=dt, device=q_hat.device)
+    d_lbias = torch.zeros((h, 1, L), dtype=dt, device=q_hat.device)
+    vp2 = vp.view(B * h, Np, d)
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        n0, n1, nr = y0 * W, y1 * W, y1 - y0
+        nb = n1 - n0
+        probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+        g_blk = g[:, :, n0:n1]
+        g5 = g_blk.view(B, h, nr, W, d)
+        # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
+        dp = d_buf[:, :nb]
+        torch.bmm(g_blk.reshape(B * h, nb, d), vp2.transpose(1, 2), out=block.qk[:, :nb])
+        dp[:, :, :Np].copy_(block.qk[:, :nb])
+        d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
+        tmp = torch.empty_like(g5)
+        for o, i, j in _offsets(window):
+            torch.mul(g5, v_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
+            torch.sum(tmp, dim=-1, out=d_w[..., o])
+        d_w = d_w.view(B, h, nb, L)
+        dp.view(B, h, nb, Np + L)[..., Np:].copy_(d_w)
+        q_blk = q_hat[:, :, n0:n1]
+        d_tokens += torch.matmul(q_blk.transpose(-1, -2), d_w).sum(0)
+        d_lbias += d_w.sum((0, 2)).unsqueeze(1)
+        torch.matmul(d_w, tokens.transpose(-1, -2), out=dq_hat[:, :, n0:n1])
+        # Local aggregation weights (for the value gradient) before the softmax backward reuses memory.
+        if dv_pad is not None:
+            weights = torch.matmul(q_blk, tokens)
+            weights += probs[:, :, Np:].view(B, h, nb, L)
+            weights += lbias
+            w5 = weights.view(B, h, nr, W, L)
+            for o, i, j in _offsets(window):
+                dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
+        dvp.view(B * h, Np, d).add_(torch.bmm(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d), out=part))
+        d_logits = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, dt, grad_input=d_out[:, :nb])
+        d_pool = d_logits[:, :, :Np]
+        d_loc = d_logits[:, :, Np:].reshape(B, h, nr, W, L)
+        d_local_bias += d_loc.sum((0, 2, 3))
+        if d_table is not None:
+            kh, kw = bias_y_index.shape[1], bias_table.shape[3]
+            grad_rows = d_pool.reshape(B, h, nr, W, kh, kw).sum(0)
+            table_grad_from_rows(grad_rows, bias_y_index, bias[2], y0, y1, d_table)
+        qs_blk = qs[:, :, n0:n1]
+        dqs_blk = dqs[:, :, n0:n1]
+        torch.matmul(d_pool.view(B, h, nb, Np), kp_hat, out=dqs_blk)
+        dkp_hat.view(B * h, Np, d).add_(torch.bmm(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d), out=part))
+        dqs5 = dqs_blk.view(B, h, nr, W, d)
+        qs5 = qs_blk.view(B, h, nr, W, d)
+        for o, i, j in _offsets(window):
+            dz = d_loc[..., o : o + 1]
+            dqs5.addcmul_(dz, k_pad[:, :, y0 + i : y1 + i, j : j + W])
+            if dk_pad is not None:
+                dk_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(dz, qs5)
+        del probs, d_logits
+    return dqs, dq_hat, dkp_hat, dvp, dk_pad, dv_pad, d_table, d_local_bias, d_tokens, d_lbias
 
 
 def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -35,7 +35,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV_VAR", "aggregated_attention_forward", "available", "bias_table", "build_error", "supports", "usable"]
+__all__ = [
+    "ENV_VAR", "aggregated_attention_backward", "aggregated_attention_forward", "available", "bias_table", "build_error",
+    "supports", "usable",
+]
 
 ENV_VAR = "TRANSNEXT_NATIVE"
 _XBAND = 16  # query columns per work item (XBAND in the C source)
@@ -96,6 +99,9 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 14
         lib.transnext_native_vector_length.restype = ctypes.c_int
+        bwd = lib.transnext_aggregated_attention_backward
+        bwd.restype = ctypes.c_int
+        bwd.argtypes = [ctypes.c_void_p] * 21 + [ctypes.c_int64] * 14
         lib.transnext_bias_table.restype = ctypes.c_int
         lib.transnext_bias_table.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
         return lib
@@ -191,6 +197,39 @@ def bias_table(mlp_table: Tensor, x_index: Tensor, x_weight: Tensor) -> Tensor:
     return out
 
 
+def _panels(x: Tensor, PP: int, vl: int) -> Tensor:
+    """(B, h, P, d) rows in panels of 2 vectors of rows: (B, h, PP / (2 vl), d, 2 vl), zero-padded."""
+    B, h, P, d = x.shape
+    out = x.new_zeros((B, h, PP, d))
+    out[:, :, :P].copy_(x)
+    return out.view(B, h, PP // (2 * vl), 2 * vl, d).transpose(-1, -2).contiguous()
+
+
+def _problem(qs, kp_hat, vp, k_pad, v_pad, table, y_index, y_weight, local_table, extra, size, contiguous_table=False):
+    """Checked, contiguous inputs of the kernels and their integer arguments."""
+    lib = _library(qs.dtype)
+    if lib is None:
+        raise RuntimeError(f"native aggregated attention is not available: {build_error(qs.dtype)}")
+    B, h, N, d = qs.shape
+    H, W = size
+    P = kp_hat.shape[2]
+    vl = 32 // qs.element_size()
+    PP = -(-P // (2 * vl)) * (2 * vl)
+    _, kh, taps = y_index.shape
+    kw = table.shape[3]
+    if kh * kw != P or table.shape[1:3] != (h, W) or y_index.shape[0] != H:
+        raise ValueError(f"bias factors {tuple(table.shape)} / {tuple(y_index.shape)} do not match {h} heads, a {H}x{W} "
+                         f"grid and {P} pooled keys")
+    if int(y_index.min()) < 0 or int(y_index.max()) >= table.shape[0]:
+        raise ValueError(f"bias row index out of range [0, {table.shape[0]}): [{int(y_index.min())}, {int(y_index.max())}]")
+    if contiguous_table or table.stride(3) != 1 or table.stride(2) != kw:  # (x, kx): one run per (u, head)
+        table = table.contiguous()
+    inputs = [t.contiguous() for t in (qs, _panels(kp_hat, PP, vl), vp, k_pad, v_pad)] + [table] + [
+        t.contiguous() for t in (y_index.to(torch.int64), y_weight.to(qs.dtype), local_table, extra)]
+    dims = [table.stride(0), table.stride(1), h, H, W, d, P, PP, kh, kw, taps]
+    return lib, inputs, dims, PP, vl
+
+
 def aggregated_attention_forward(
     qs: Tensor, kp_hat: Tensor, vp: Tensor, k_pad: Tensor, v_pad: Tensor, table: Tensor, y_index: Tensor,
     y_weight: Tensor, local_table: Tensor, extra: Tensor, size: tuple[int, int], window: int,
@@ -202,32 +241,59 @@ def aggregated_attention_forward(
     ``y_index`` / ``y_weight`` (H, Kh, T); ``local_table`` (h, N, L); ``extra`` (B, h, N, L).
     All in one dtype (float32 or float64) on the CPU, with no autograd graph.
     """
-    lib = _library(qs.dtype)
-    if lib is None:
-        raise RuntimeError(f"native aggregated attention is not available: {build_error(qs.dtype)}")
+    lib, inputs, dims, _, _ = _problem(qs, kp_hat, vp, k_pad, v_pad, table, y_index, y_weight, local_table, extra, size)
     B, h, N, d = qs.shape
-    H, W = size
-    P = kp_hat.shape[2]
-    vl = 32 // qs.element_size()
-    PP = -(-P // (2 * vl)) * (2 * vl)
-    # Pooled keys in panels of 2 vectors of keys: (B, h, PP / (2 vl), d, 2 vl), zero-padded.
-    kt = qs.new_zeros((B, h, PP, d))
-    kt[:, :, :P].copy_(kp_hat)
-    kt = kt.view(B, h, PP // (2 * vl), 2 * vl, d).transpose(-1, -2).contiguous()
-    _, kh, taps = y_index.shape
-    kw = table.shape[3]
-    if kh * kw != P or table.shape[1:3] != (h, W) or y_index.shape[0] != H:
-        raise ValueError(f"bias factors {tuple(table.shape)} / {tuple(y_index.shape)} do not match {h} heads, a {H}x{W} "
-                         f"grid and {P} pooled keys")
-    if int(y_index.min()) < 0 or int(y_index.max()) >= table.shape[0]:
-        raise ValueError(f"bias row index out of range [0, {table.shape[0]}): [{int(y_index.min())}, {int(y_index.max())}]")
-    if table.stride(3) != 1 or table.stride(2) != kw:  # (x, kx) must be one contiguous run per (u, head)
-        table = table.contiguous()
-    inputs = [t.contiguous() for t in (qs, kt, vp, k_pad, v_pad)] + [table] + [
-        t.contiguous() for t in (y_index.to(torch.int64), y_weight.to(qs.dtype), local_table, extra)]
     out = qs.new_empty((B, h, N, d))
     ptrs = [_ptr(t) for t in inputs] + [_ptr(out)]
-    dims = [table.stride(0), table.stride(1), h, H, W, d, P, PP, kh, kw, taps, window]
     with torch.profiler.record_function("transnext::native_aggregated_attention"):
-        _parallel(lib.transnext_aggregated_attention_forward, B * h * -(-W // _XBAND), *ptrs, *dims)
+        _parallel(lib.transnext_aggregated_attention_forward, B * h * -(-size[1] // _XBAND), *ptrs, *dims, window)
     return out
+
+
+def aggregated_attention_backward(
+    grad_out: Tensor, qs: Tensor, kp_hat: Tensor, vp: Tensor, k_pad: Tensor, v_pad: Tensor, table: Tensor,
+    y_index: Tensor, y_weight: Tensor, local_table: Tensor, extra: Tensor, size: tuple[int, int], window: int,
+    want_k: bool = True, want_v: bool = True, want_table: bool = True,
+) -> dict[str, Tensor | None]:
+    """Gradients of the op of :func:`aggregated_attention_forward` with respect to its prepared
+    inputs, recomputing the probabilities (nothing is saved by the forward).
+
+    Returns ``dqs`` (B, h, N, d); ``dw`` and ``dloc`` (B, h, N, L), the gradients of the window
+    aggregation weights and of the window logits; ``dkp`` / ``dvp`` (B, h, P, d); ``dk_pad`` /
+    ``dv_pad`` (layout of ``k_pad``) and ``dtable`` (U, h, W, Kw), None where not wanted.
+    """
+    lib, inputs, dims, PP, vl = _problem(qs, kp_hat, vp, k_pad, v_pad, table, y_index, y_weight, local_table, extra,
+                                         size, contiguous_table=True)
+    B, h, N, d = qs.shape
+    L = window * window
+    P = kp_hat.shape[2]
+    g = grad_out.to(qs.dtype).contiguous()
+    vt = _panels(vp, PP, vl)
+    kp = kp_hat.contiguous()
+    dqs = qs.new_empty((B, h, N, d))
+    dw = qs.new_empty((B, h, N, L))
+    dloc = qs.new_empty((B, h, N, L))
+    dkp = qs.new_zeros((B, h, P, d))
+    dvp = qs.new_zeros((B, h, P, d))
+    dk_pad = torch.zeros_like(inputs[3]) if want_k else None
+    dv_pad = torch.zeros_like(inputs[4]) if want_v else None
+    items = B * h
+    workers = max(1, min(torch.get_num_threads(), items))
+    table_c = inputs[5]
+    # Heads are shared by the images of a batch: each thread sums its table gradient apart.
+    dtables = qs.new_zeros((workers, *table_c.shape)) if want_table else None
+    bounds = [items * i // workers for i in range(workers + 1)]
+    fn = lib.transnext_aggregated_attention_backward
+    ptrs = [_ptr(t) for t in inputs] + [_ptr(g), _ptr(vt), _ptr(kp), _ptr(dqs), _ptr(dw), _ptr(dloc), _ptr(dkp),
+                                        _ptr(dvp), _ptr(dk_pad) if want_k else None, _ptr(dv_pad) if want_v else None]
+
+    def run(i: int) -> int:
+        dtable = _ptr(dtables[i]) if dtables is not None else None
+        return fn(*ptrs, dtable, *dims, window, bounds[i], bounds[i + 1])
+
+    with torch.profiler.record_function("transnext::native_aggregated_attention_backward"):
+        codes = [run(0)] if workers == 1 else list(_executor(workers).map(run, range(workers)))
+    if any(codes):
+        raise RuntimeError(f"a native kernel rejected its arguments (code {min(codes)})")
+    dtable = dtables.sum(0) if dtables is not None else None
+    return dict(dqs=dqs, dw=dw, dloc=dloc, dkp=dkp, dvp=dvp, dk_pad=dk_pad, dv_pad=dv_pad, dtable=dtable)

@@ -165,94 +165,254 @@ INLINE REAL vdot(const REAL *a, const REAL *b, const int DV) {
     return s;
 }
 
-/* The work items [item0, item1) (item = bh * bands + band: a band of XBAND query columns of one image
- * and head, all rows). Going down a band, consecutive rows use nearly the same bias slabs, so the
- * band's slabs, the pooled keys and values stay in the core's L2 cache. */
-INLINE void run_items(const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad,
-                      const REAL *table, int64_t table_su, int64_t table_sh, const int64_t *yidx, const REAL *yw,
-                      const REAL *ltab, const REAL *extra, REAL *out, int64_t h, int64_t H, int64_t W, int64_t P,
-                      int64_t PP, int64_t Kh, int64_t Kw, int64_t T, int64_t window, int64_t item0, int64_t item1,
-                      REAL *lg, const int DV) {
-    const int64_t d = DV * VL, r = window / 2, L = window * window, N = H * W, Wp = W + 2 * r;
-    const int64_t LP = (L + VL - 1) / VL * VL, ld = PP + LP; /* row: [pooled | local], -inf padded */
-    REAL res[QT * 8 * VL];
-    const int64_t bands = (W + XBAND - 1) / XBAND;
-    for (int64_t item = item0; item < item1; item++) {
-        const int64_t bh = item / bands, band = item % bands, head = bh % h;
-        const REAL *kt_bh = kt + bh * d * PP, *vp_bh = vp + bh * P * d;
-        const REAL *kpad_bh = kpad + bh * (H + 2 * r) * Wp * d, *vpad_bh = vpad + bh * (H + 2 * r) * Wp * d;
-        const int64_t x_end = (band + 1) * XBAND < W ? (band + 1) * XBAND : W;
-        for (int64_t y = 0; y < H; y++)
-        for (int64_t x0 = band * XBAND; x0 < x_end; x0 += QT) {
-            const REAL *q[QT];
-            int64_t xs[QT];
-            for (int qi = 0; qi < QT; qi++) {
-                xs[qi] = x0 + qi < x_end ? x0 + qi : x_end - 1; /* a short last tile repeats its last query */
-                q[qi] = qs + (bh * N + y * W + xs[qi]) * d;
+/* One layer's problem: inputs (layouts above) and sizes. */
+typedef struct {
+    const REAL *qs, *kt, *vp, *kpad, *vpad, *table, *yw, *ltab, *extra;
+    const int64_t *yidx;
+    int64_t table_su, table_sh, h, H, W, P, PP, Kh, Kw, T, window;
+} Problem;
+
+/* Probabilities of the QT queries of a tile (grid row y, columns from x0, the last one repeated past
+ * x_end) into rows of ``lg`` ([pooled PP | local LP], ld = PP + LP): logits, bias read from its
+ * factors, window logits, softmax. q / xs receive the tile's query rows and columns. With
+ * ``normalise`` the rows hold probabilities, else softmax numerators and inv the 1 / sums. */
+INLINE void tile_softmax(const Problem *pb, int64_t bh, int64_t y, int64_t x0, int64_t x_end, const REAL *q[QT],
+                         int64_t xs[QT], REAL *lg, int64_t ld, REAL inv[QT], int normalise, const int DV) {
+    const int64_t d = DV * VL, r = pb->window / 2, L = pb->window * pb->window, N = pb->H * pb->W;
+    const int64_t Wp = pb->W + 2 * r, PP = pb->PP, Kw = pb->Kw, head = bh % pb->h, T = pb->T;
+    const REAL *kpad_bh = pb->kpad + bh * (pb->H + 2 * r) * Wp * d;
+    for (int qi = 0; qi < QT; qi++) {
+        xs[qi] = x0 + qi < x_end ? x0 + qi : x_end - 1; /* a short last tile repeats its last query */
+        q[qi] = pb->qs + (bh * N + y * pb->W + xs[qi]) * d;
+    }
+    tile_logits(q, pb->kt + bh * d * PP, d, PP, lg, ld);
+    for (int qi = 0; qi < QT; qi++) {
+        REAL *row = lg + qi * ld;
+        const int64_t n = y * pb->W + xs[qi];
+        for (int64_t ky = 0; ky < pb->Kh; ky++) {
+            REAL *dst = row + ky * Kw;
+            for (int64_t t = 0; t < T; t++) {
+                const REAL w = pb->yw[(y * pb->Kh + ky) * T + t];
+                const REAL *src = pb->table + pb->yidx[(y * pb->Kh + ky) * T + t] * pb->table_su + head * pb->table_sh +
+                                  xs[qi] * Kw;
+                for (int64_t kx = 0; kx < Kw; kx++) dst[kx] += w * src[kx];
             }
-            tile_logits(q, kt_bh, d, PP, lg, ld);
-            REAL inv[QT];
-            for (int qi = 0; qi < QT; qi++) {
-                REAL *row = lg + qi * ld;
-                const int64_t n = y * W + xs[qi];
-                for (int64_t ky = 0; ky < Kh; ky++) {
-                    REAL *dst = row + ky * Kw;
-                    for (int64_t t = 0; t < T; t++) {
-                        const REAL w = yw[(y * Kh + ky) * T + t];
-                        const REAL *src = table + yidx[(y * Kh + ky) * T + t] * table_su + head * table_sh + xs[qi] * Kw;
-                        for (int64_t kx = 0; kx < Kw; kx++) dst[kx] += w * src[kx];
-                    }
-                }
-                for (int64_t j = P; j < PP; j++) row[j] = -INFINITY;
-                const REAL *lt = ltab + (head * N + n) * L;
-                for (int64_t o = 0; o < L; o++) {
-                    const REAL *kr = kpad_bh + ((y + o / window) * Wp + xs[qi] + o % window) * d;
-                    row[PP + o] = vdot(q[qi], kr, DV) + lt[o];
-                }
-                for (int64_t o = L; o < LP; o++) row[PP + o] = -INFINITY;
-                inv[qi] = softmax_numerators(row, ld);
-            }
-            tile_aggregate(lg, ld, vp_bh, P, DV, res);
-            for (int qi = 0; qi < QT && x0 + qi < x_end; qi++) {
-                const int64_t n = y * W + xs[qi];
-                const REAL *loc = lg + qi * ld + PP, *ex = extra + (bh * N + n) * L;
-                const vec iv = vsplat(inv[qi]);
-                vec o_[8];
-                for (int t = 0; t < DV; t++) o_[t] = vload(res + (qi * DV + t) * VL) * iv;
-                for (int64_t o = 0; o < L; o++) {
-                    const vec w = vsplat(loc[o] * inv[qi] + ex[o]);
-                    const REAL *vr = vpad_bh + ((y + o / window) * Wp + xs[qi] + o % window) * d;
-                    for (int t = 0; t < DV; t++) o_[t] += w * vload(vr + t * VL);
-                }
-                for (int t = 0; t < DV; t++) vstore(out + (bh * N + n) * d + t * VL, o_[t]);
-            }
+        }
+        for (int64_t j = pb->P; j < PP; j++) row[j] = -INFINITY;
+        const REAL *lt = pb->ltab + (head * N + n) * L;
+        for (int64_t o = 0; o < L; o++) {
+            const REAL *kr = kpad_bh + ((y + o / pb->window) * Wp + xs[qi] + o % pb->window) * d;
+            row[PP + o] = vdot(q[qi], kr, DV) + lt[o];
+        }
+        for (int64_t o = L; o < ld - PP; o++) row[PP + o] = -INFINITY;
+        inv[qi] = softmax_numerators(row, ld);
+        if (normalise) {
+            const vec iv = vsplat(inv[qi]);
+            for (int64_t j = 0; j < ld; j += VL) vstore(row + j, vload(row + j) * iv);
         }
     }
 }
 
-/* Entry point (one symbol per element type). ``table`` is addressed as
- * table[u * table_su + head * table_sh + x * Kw + kx]. Returns 0, or a negative code for arguments
- * the kernel does not take (the caller checks them first; this is a last guard). */
+/* Forward over the work items [item0, item1) (item = bh * bands + band: a band of XBAND query
+ * columns of one image and head, all rows). Going down a band, consecutive rows use nearly the
+ * same bias slabs, so the band's slabs, the pooled keys and values stay in the core's L2 cache. */
+INLINE void forward_items(const Problem *pb, REAL *out, int64_t item0, int64_t item1, REAL *lg, const int DV) {
+    const int64_t d = DV * VL, r = pb->window / 2, L = pb->window * pb->window, W = pb->W, N = pb->H * W;
+    const int64_t Wp = W + 2 * r, LP = (L + VL - 1) / VL * VL, ld = pb->PP + LP;
+    const int64_t bands = (W + XBAND - 1) / XBAND;
+    REAL res[QT * 8 * VL];
+    for (int64_t item = item0; item < item1; item++) {
+        const int64_t bh = item / bands, band = item % bands;
+        const REAL *vp_bh = pb->vp + bh * pb->P * d, *vpad_bh = pb->vpad + bh * (pb->H + 2 * r) * Wp * d;
+        const int64_t x_end = (band + 1) * XBAND < W ? (band + 1) * XBAND : W;
+        for (int64_t y = 0; y < pb->H; y++)
+            for (int64_t x0 = band * XBAND; x0 < x_end; x0 += QT) {
+                const REAL *q[QT];
+                int64_t xs[QT];
+                REAL inv[QT];
+                tile_softmax(pb, bh, y, x0, x_end, q, xs, lg, ld, inv, 0, DV);
+                tile_aggregate(lg, ld, vp_bh, pb->P, DV, res);
+                for (int qi = 0; qi < QT && x0 + qi < x_end; qi++) {
+                    const int64_t n = y * W + xs[qi];
+                    const REAL *loc = lg + qi * ld + pb->PP, *ex = pb->extra + (bh * N + n) * L;
+                    const vec iv = vsplat(inv[qi]);
+                    vec o_[8];
+                    for (int t = 0; t < DV; t++) o_[t] = vload(res + (qi * DV + t) * VL) * iv;
+                    for (int64_t o = 0; o < L; o++) {
+                        const vec w = vsplat(loc[o] * inv[qi] + ex[o]);
+                        const REAL *vr = vpad_bh + ((y + o / pb->window) * Wp + xs[qi] + o % pb->window) * d;
+                        for (int t = 0; t < DV; t++) o_[t] += w * vload(vr + t * VL);
+                    }
+                    for (int t = 0; t < DV; t++) vstore(out + (bh * N + n) * d + t * VL, o_[t]);
+                }
+            }
+    }
+}
+
+/* acc[j] += sum_qi coef[qi][j] * rows[qi] for j < P (acc rows of DV vectors): the key / value
+ * gradients of a tile. */
+INLINE void tile_rank_update(const REAL *coef, int64_t ld, const REAL *const rows[QT], REAL *acc, int64_t P,
+                             const int DV) {
+    vec rv[QT][8];
+    for (int qi = 0; qi < QT; qi++)
+        for (int t = 0; t < DV; t++) rv[qi][t] = vload(rows[qi] + t * VL);
+    for (int64_t j = 0; j < P; j++) {
+        REAL *a = acc + j * DV * VL;
+        vec s[8];
+        for (int t = 0; t < DV; t++) s[t] = vload(a + t * VL);
+        for (int qi = 0; qi < QT; qi++) {
+            const vec c = vsplat(coef[qi * ld + j]);
+            for (int t = 0; t < DV; t++) s[t] += c * rv[qi][t];
+        }
+        for (int t = 0; t < DV; t++) vstore(a + t * VL, s[t]);
+    }
+}
+
+/* Backward over whole (image, head) items [item0, item1): every gradient of the op's prepared
+ * inputs. Probabilities are recomputed per tile exactly as in the forward. Outputs indexed by bh
+ * are written by the thread owning that bh only; ``dtable`` is this thread's own buffer (heads are
+ * shared across images), summed by the caller. dkpad / dvpad / dtable may be NULL (not wanted). */
+INLINE void backward_items(const Problem *pb, const REAL *g, const REAL *vt, const REAL *kp, REAL *dqs, REAL *dw,
+                           REAL *dloc, REAL *dkp, REAL *dvp, REAL *dkpad, REAL *dvpad, REAL *dtable, int64_t item0,
+                           int64_t item1, REAL *lg, REAL *dp, const int DV) {
+    const int64_t d = DV * VL, r = pb->window / 2, L = pb->window * pb->window, W = pb->W, N = pb->H * W;
+    const int64_t Wp = W + 2 * r, LP = (L + VL - 1) / VL * VL, PP = pb->PP, ld = PP + LP, Kw = pb->Kw, T = pb->T;
+    const int64_t bands = (W + XBAND - 1) / XBAND, pad_bh = (pb->H + 2 * r) * Wp * d;
+    REAL res[QT * 8 * VL];
+    for (int64_t bh = item0; bh < item1; bh++) {
+        const int64_t head = bh % pb->h;
+        const REAL *kpad_bh = pb->kpad + bh * pad_bh, *vpad_bh = pb->vpad + bh * pad_bh;
+        for (int64_t band = 0; band < bands; band++) {
+            const int64_t x_end = (band + 1) * XBAND < W ? (band + 1) * XBAND : W;
+            for (int64_t y = 0; y < pb->H; y++)
+                for (int64_t x0 = band * XBAND; x0 < x_end; x0 += QT) {
+                    const REAL *q[QT], *gq[QT];
+                    int64_t xs[QT];
+                    REAL inv[QT];
+                    const int valid = x_end - x0 < QT ? (int)(x_end - x0) : QT;
+                    tile_softmax(pb, bh, y, x0, x_end, q, xs, lg, ld, inv, 1, DV);
+                    for (int qi = 0; qi < QT; qi++) gq[qi] = g + (bh * N + y * W + xs[qi]) * d;
+                    /* d(loss)/d(probabilities): pooled by the logits kernel over the values' panels. */
+                    tile_logits(gq, vt + bh * d * PP, d, PP, dp, ld);
+                    for (int qi = 0; qi < QT; qi++) {
+                        REAL *prow = lg + qi * ld, *drow = dp + qi * ld;
+                        const int64_t n = y * W + xs[qi];
+                        for (int64_t o = 0; o < L; o++) {
+                            const REAL *vr = vpad_bh + ((y + o / pb->window) * Wp + xs[qi] + o % pb->window) * d;
+                            drow[PP + o] = vdot(gq[qi], vr, DV);
+                        }
+                        for (int64_t o = L; o < LP; o++) drow[PP + o] = 0;
+                        if (qi < valid)
+                            for (int64_t o = 0; o < L; o++) dw[(bh * N + n) * L + o] = drow[PP + o];
+                        /* Softmax backward: dl = p * (dp - sum(p * dp)); padded keys have p = 0. */
+                        vec acc = vsplat(0);
+                        for (int64_t j = 0; j < ld; j += VL) acc += vload(prow + j) * vload(drow + j);
+                        REAL sdot = 0;
+                        for (int i = 0; i < VL; i++) sdot += acc[i];
+                        const vec sv = vsplat(sdot);
+                        for (int64_t j = 0; j < ld; j += VL) vstore(drow + j, vload(prow + j) * (vload(drow + j) - sv));
+                        if (qi >= valid) { /* a repeated query contributes nothing */
+                            memset(prow, 0, sizeof(REAL) * (size_t)ld);
+                            memset(drow, 0, sizeof(REAL) * (size_t)ld);
+                            continue;
+                        }
+                        for (int64_t o = 0; o < L; o++) dloc[(bh * N + n) * L + o] = drow[PP + o];
+                        if (dtable != NULL)
+                            for (int64_t ky = 0; ky < pb->Kh; ky++)
+                                for (int64_t t = 0; t < T; t++) {
+                                    const REAL w = pb->yw[(y * pb->Kh + ky) * T + t];
+                                    REAL *dst = dtable + pb->yidx[(y * pb->Kh + ky) * T + t] * pb->table_su +
+                                                head * pb->table_sh + xs[qi] * Kw;
+                                    const REAL *src = drow + ky * Kw;
+                                    for (int64_t kx = 0; kx < Kw; kx++) dst[kx] += w * src[kx];
+                                }
+                    }
+                    /* Query gradient: pooled keys by the aggregation kernel, window keys one by one. */
+                    tile_aggregate(dp, ld, kp + bh * pb->P * d, pb->P, DV, res);
+                    for (int qi = 0; qi < valid; qi++) {
+                        const int64_t n = y * W + xs[qi];
+                        const REAL *dl = dp + qi * ld + PP, *pl = lg + qi * ld + PP, *ex = pb->extra + (bh * N + n) * L;
+                        vec o_[8];
+                        for (int t = 0; t < DV; t++) o_[t] = vload(res + (qi * DV + t) * VL);
+                        for (int64_t o = 0; o < L; o++) {
+                            const int64_t off = ((y + o / pb->window) * Wp + xs[qi] + o % pb->window) * d;
+                            const vec c = vsplat(dl[o]), wv = vsplat(pl[o] + ex[o]);
+                            for (int t = 0; t < DV; t++) {
+                                o_[t] += c * vload(kpad_bh + off + t * VL);
+                                if (dkpad != NULL) {
+                                    REAL *a = dkpad + bh * pad_bh + off + t * VL;
+                                    vstore(a, vload(a) + c * vload(q[qi] + t * VL));
+                                }
+                                if (dvpad != NULL) {
+                                    REAL *a = dvpad + bh * pad_bh + off + t * VL;
+                                    vstore(a, vload(a) + wv * vload(gq[qi] + t * VL));
+                                }
+                            }
+                        }
+                        for (int t = 0; t < DV; t++) vstore(dqs + (bh * N + n) * d + t * VL, o_[t]);
+                    }
+                    /* Pooled key and value gradients: rank-QT updates (rows of repeated queries are zero). */
+                    tile_rank_update(dp, ld, q, dkp + bh * pb->P * d, pb->P, DV);
+                    tile_rank_update(lg, ld, gq, dvp + bh * pb->P * d, pb->P, DV);
+                }
+        }
+    }
+}
+
+static int check(int64_t d, int64_t P, int64_t PP, int64_t Kh, int64_t Kw, int64_t window) {
+    return d % VL == 0 && d / VL <= 8 && PP % (2 * VL) == 0 && PP >= P && window * window <= MAX_LOCAL && Kh * Kw == P;
+}
+
+/* constant vector counts let the compiler keep the tiles in registers */
+#define DISPATCH_DV(CALL)                 \
+    switch (d / VL) {                     \
+    case 3: CALL(3); break;               \
+    case 4: CALL(4); break;               \
+    case 6: CALL(6); break;               \
+    case 8: CALL(8); break;               \
+    default: CALL((int)(d / VL)); break;  \
+    }
+
+/* Entry points (one symbol per element type). ``table`` is addressed as
+ * table[u * table_su + head * table_sh + x * Kw + kx]. They return 0, or a negative code for
+ * arguments they do not take (the caller checks them first; this is a last guard). */
 int transnext_aggregated_attention_forward(
     const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad, const REAL *table,
     const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, REAL *out, int64_t table_su,
     int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P, int64_t PP, int64_t Kh, int64_t Kw,
     int64_t T, int64_t window, int64_t item0, int64_t item1) {
-    if (d % VL != 0 || d / VL > 8 || PP % (2 * VL) != 0 || PP < P || window * window > MAX_LOCAL || Kh * Kw != P)
-        return -1;
+    if (!check(d, P, PP, Kh, Kw, window)) return -1;
+    const Problem pb = {qs, kt, vp, kpad, vpad, table, yw, ltab, extra, yidx, table_su, table_sh, h, H, W, P, PP, Kh, Kw, T, window};
     const int64_t LP = (window * window + VL - 1) / VL * VL;
     REAL *lg = (REAL *)malloc(sizeof(REAL) * (size_t)(QT * (PP + LP)));
     if (lg == NULL) return -2;
-#define RUN(DV_) run_items(qs, kt, vp, kpad, vpad, table, table_su, table_sh, yidx, yw, ltab, extra, out, h, H, W, P, \
-                           PP, Kh, Kw, T, window, item0, item1, lg, DV_)
-    switch (d / VL) { /* constant vector counts let the compiler keep the tiles in registers */
-    case 3: RUN(3); break;
-    case 4: RUN(4); break;
-    case 6: RUN(6); break;
-    case 8: RUN(8); break;
-    default: RUN((int)(d / VL)); break;
-    }
-#undef RUN
+#define FWD(DV_) forward_items(&pb, out, item0, item1, lg, DV_)
+    DISPATCH_DV(FWD)
+#undef FWD
+    free(lg);
+    return 0;
+}
+
+/* Backward; items are whole (image, head) pairs (bh). vt: the pooled values in the panel layout of
+ * kt; kp: the normalised pooled keys (BH, P, d). Outputs dqs (BH, N, d), dw and dloc (BH, N, L: the
+ * gradients of the window weights and of the window logits), dkp / dvp (BH, P, d), dkpad / dvpad
+ * (layout of kpad; may be NULL), dtable (layout of table; may be NULL) are accumulated into (all
+ * zeroed by the caller, except dqs, dw and dloc which are written). */
+int transnext_aggregated_attention_backward(
+    const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad, const REAL *table,
+    const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, const REAL *g, const REAL *vt,
+    const REAL *kp, REAL *dqs, REAL *dw, REAL *dloc, REAL *dkp, REAL *dvp, REAL *dkpad, REAL *dvpad, REAL *dtable,
+    int64_t table_su, int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P, int64_t PP,
+    int64_t Kh, int64_t Kw, int64_t T, int64_t window, int64_t item0, int64_t item1) {
+    if (!check(d, P, PP, Kh, Kw, window)) return -1;
+    const Problem pb = {qs, kt, vp, kpad, vpad, table, yw, ltab, extra, yidx, table_su, table_sh, h, H, W, P, PP, Kh, Kw, T, window};
+    const int64_t LP = (window * window + VL - 1) / VL * VL;
+    REAL *lg = (REAL *)malloc(sizeof(REAL) * (size_t)(2 * QT * (PP + LP)));
+    if (lg == NULL) return -2;
+#define BWD(DV_) backward_items(&pb, g, vt, kp, dqs, dw, dloc, dkp, dvp, dkpad, dvpad, dtable, item0, item1, lg, \
+                                lg + QT * (PP + LP), DV_)
+    DISPATCH_DV(BWD)
+#undef BWD
     free(lg);
     return 0;
 }
