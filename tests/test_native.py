@@ -5,6 +5,8 @@ query tiles unevenly), against the torch kernels in float32, routing, and its fa
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 
 import pytest
 import torch
@@ -250,3 +252,20 @@ def test_native_bias_table_equals_torch_formulation(monkeypatch, geo) -> None:
     assert_close(ours.table, ref.table, "x-resolved bias table")
     with pytest.raises(ValueError, match="x taps index"):
         native.bias_table(table[:, :, :1], *taps[1])
+
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_worker_pool_is_rebuilt_in_a_forked_child() -> None:
+    """A forked child (data-loader workers) starts its own pool instead of queueing work for the
+    parent's threads, which do not exist there."""
+    native._executor(2).submit(int).result()  # the parent's pool exists and has idle threads
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 when the pool runs work, killed by the alarm when it hangs
+        signal.alarm(20)
+        try:
+            ok = native._executor(2).submit(int, "7").result() == 7
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"

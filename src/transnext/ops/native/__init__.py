@@ -153,6 +153,17 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.dtype == t0.dtype and t.device == t0.device for t in tensors) and available(t0.dtype)
 
 
+def _forget_pool() -> None:
+    # A forked child (data-loader workers, multiprocessing) inherits the pool object but not its
+    # threads: it starts its own on first use.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool
     if _pool is None or _pool._max_workers < workers:
