@@ -130,9 +130,7 @@ def test_custom_op_registration() -> None:
 
 def test_training_goes_in_blocks_past_the_training_budget(monkeypatch) -> None:
     """With gradients the blocked path (recomputing probabilities) takes over past the smaller
-    training budget; inference of the same problem keeps the one-pass whole-tensor path (when the
-    native kernel, which takes all inference it supports, is switched off)."""
-    monkeypatch.setenv("TRANSNEXT_NATIVE", "0")
+    training budget; inference of the same problem keeps the one-pass whole-tensor path."""
     calls = []
     real = torch_backend.blocked_aggregated_attention
     monkeypatch.setattr(torch_backend, "blocked_aggregated_attention", lambda *a: calls.append(1) or real(*a))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import compiled, native
+from . import compiled
 from ._common import (
     autocast_dtype,
     autocast_off,
@@ -324,11 +324,10 @@ def aggregated_attention(
         )
     B, h, N, _ = q.shape
     logits_bytes = B * h * N * (k_pool.shape[2] + window * window) * compute_dtype(q).itemsize
-    grad = needs_grad(*inputs)
-    limit = WHOLE_LOGITS_BYTES_TRAINING if grad else WHOLE_LOGITS_BYTES
-    # The native CPU kernel (inference) never builds logits tensors: it is the fastest at any size.
-    fused = not grad and native.supports(q, window) and autocast_dtype(q) is None
-    if p_drop == 0.0 and (fused or not isinstance(pool_bias, Tensor) or logits_bytes > limit):
+    limit = WHOLE_LOGITS_BYTES_TRAINING if needs_grad(*inputs) else WHOLE_LOGITS_BYTES
+    # Past the budget the blocked op runs, with the native CPU kernel where it is available (below
+    # it, at classification sizes, the whole-tensor path was as fast or faster in A/B runs).
+    if p_drop == 0.0 and (not isinstance(pool_bias, Tensor) or logits_bytes > limit):
         return blocked_aggregated_attention(
             q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
             learnable_tokens, learnable_bias, padding_mask, size, window,
