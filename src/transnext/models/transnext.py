@@ -421,7 +421,8 @@ class StageOutput(nn.Module):
     """
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+        # A channels-last view (also for a batch of one), so the next conv does not copy it.
+        return x.unflatten(1, (H, W)).permute(0, 3, 1, 2)
 
 
 class TransNeXt(nn.Module):

@@ -19,8 +19,8 @@ from .dispatch import select_backend
 
 
 def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
-    B, _, C = t.shape
-    return t.transpose(1, 2).reshape(B, C, *size)
+    # Splitting N keeps the batch stride, so a batch of one stays channels-last (no copy).
+    return t.unflatten(1, size).permute(0, 3, 1, 2)
 
 
 def _as_tokens(m: Tensor) -> Tensor:
