@@ -246,6 +246,20 @@ def test_native_bias_table_equals_torch_formulation(monkeypatch, geo) -> None:
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("uy,taps", [(1, 1), (5, 2), (8, 4), (13, 4), (17, 3)])
+def test_native_bias_table_any_row_count_and_taps(dtype, uy, taps) -> None:
+    """The kernel works on a vector of unique rows at a time: row counts off the vector length and
+    any tap count give the gathered, weighted sum of the definition."""
+    g = torch.Generator().manual_seed(uy * 10 + taps)
+    h, ux, W, kw = 3, 11, 7, 5
+    mlp = torch.randn(h, uy, ux, generator=g, dtype=dtype)
+    ix = torch.randint(0, ux, (W, kw, taps), generator=g)
+    wx = torch.rand(W, kw, taps, generator=g, dtype=dtype)
+    expected = (mlp[:, :, ix] * wx).sum(-1).permute(1, 0, 2, 3)  # (uy, h, W, kw)
+    assert_close(native.bias_table(mlp, ix, wx), expected, "bias table")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_worker_pool_is_rebuilt_in_a_forked_child() -> None:
     """A forked child (data-loader workers) starts its own pool instead of queueing work for the

@@ -103,7 +103,7 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL:
         bwd.restype = ctypes.c_int
         bwd.argtypes = [ctypes.c_void_p] * 21 + [ctypes.c_int64] * 14
         lib.transnext_bias_table.restype = ctypes.c_int
-        lib.transnext_bias_table.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
+        lib.transnext_bias_table.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9
         return lib
     raise RuntimeError("compiling the native kernel failed: " + " | ".join(errors))
 
@@ -199,12 +199,19 @@ def bias_table(mlp_table: Tensor, x_index: Tensor, x_weight: Tensor) -> Tensor:
     W, kw, taps = x_index.shape
     if int(x_index.min()) < 0 or int(x_index.max()) >= ux:
         raise ValueError(f"x taps index {ux} unique x offsets; got indices in [{int(x_index.min())}, {int(x_index.max())}]")
-    mlp = mlp_table.contiguous()
+    if taps < 1:
+        raise ValueError("x taps need at least one tap per entry")
+    vl = 32 // mlp_table.element_size()
+    uyp = -(-uy // vl) * vl
+    # Unique rows innermost (zero-padded to whole vectors): the kernel works on a vector of rows.
+    mlpt = mlp_table.new_zeros((h, ux, uyp))
+    mlpt[:, :, :uy].copy_(mlp_table.transpose(1, 2))
     ix = x_index.to(torch.int64).contiguous()
-    wx = x_weight.to(mlp.dtype).contiguous()
-    out = mlp.new_empty((uy, h, W, kw))
+    wx = x_weight.to(mlp_table.dtype).contiguous()
+    out = mlp_table.new_empty((uy, h, W, kw))
     with torch.profiler.record_function("transnext::native_bias_table"):
-        _parallel(lib.transnext_bias_table, uy * h, _ptr(mlp), _ptr(ix), _ptr(wx), _ptr(out), h, uy, ux, W, kw, taps)
+        _parallel(lib.transnext_bias_table, h * (uyp // vl), _ptr(mlpt), _ptr(ix), _ptr(wx), _ptr(out), h, uy, uyp, ux,
+                  W, kw, taps)
     return out
 
 

@@ -418,19 +418,25 @@ int transnext_aggregated_attention_backward(
 }
 
 /* The pooled-key bias with the x axis resolved (the ``table`` above) from the bias MLP evaluated on
- * unique pairs: out[u, head, x, kx] = sum_t wx[x, kx, t] * mlp[head, u, ix[x, kx, t]], for the
- * items [item0, item1) (item = u * h + head). One pass writing the table in its final layout, where
- * the torch formulation gathers, scales and transposes copies of it. */
-int transnext_bias_table(const REAL *mlp, const int64_t *ix, const REAL *wx, REAL *out, int64_t h, int64_t Uy,
-                         int64_t Ux, int64_t W, int64_t Kw, int64_t T, int64_t item0, int64_t item1) {
+ * unique pairs, given transposed and padded: mlpt (h, Ux, UyP), UyP = Uy rounded up to VL.
+ * out[u, head, x, kx] = sum_t wx[x, kx, t] * mlpt[head, ix[x, kx, t], u] for the items [item0, item1)
+ * (item = head * UyP / VL + block: VL unique rows u at a time). Along u the taps are the same, so one
+ * entry's indices and weights are read once for VL rows and its products are vector FMAs; the VL
+ * results go to VL rows of the output, each written sequentially. */
+int transnext_bias_table(const REAL *mlpt, const int64_t *ix, const REAL *wx, REAL *out, int64_t h, int64_t Uy,
+                         int64_t UyP, int64_t Ux, int64_t W, int64_t Kw, int64_t T, int64_t item0, int64_t item1) {
+    const int64_t E = W * Kw, blocks = UyP / VL, su = h * E;
     for (int64_t item = item0; item < item1; item++) {
-        const int64_t u = item / h, head = item % h;
-        const REAL *src = mlp + (head * Uy + u) * Ux;
-        REAL *dst = out + item * W * Kw;
-        for (int64_t e = 0; e < W * Kw; e++) {
-            REAL acc = 0;
-            for (int64_t t = 0; t < T; t++) acc += wx[e * T + t] * src[ix[e * T + t]];
-            dst[e] = acc;
+        const int64_t head = item / blocks, u0 = (item % blocks) * VL;
+        const int64_t nu = Uy - u0 < VL ? Uy - u0 : VL;
+        const REAL *src = mlpt + head * Ux * UyP + u0;
+        REAL *dst = out + (u0 * h + head) * E;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t *i = ix + e * T;
+            const REAL *w = wx + e * T;
+            vec acc = vsplat(w[0]) * vload(src + i[0] * UyP);
+            for (int64_t t = 1; t < T; t++) acc += vsplat(w[t]) * vload(src + i[t] * UyP);
+            for (int64_t k = 0; k < nu; k++) dst[k * su + e] = acc[k];
         }
     }
     return 0;
