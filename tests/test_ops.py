@@ -441,14 +441,13 @@ def test_token_maps_of_a_batch_of_one_stay_channels_last():
     """(1, N, C) tokens become a channels-last map view, so the depthwise and pooling convs neither
     copy them nor return a channel-first map that the gate product would then read strided."""
     conv_glu = importlib.import_module("transnext.ops.conv_glu")
-    pooling = importlib.import_module("transnext.ops.pooling")
+    common = importlib.import_module("transnext.ops._common")
     x = torch.randn(1, 6 * 5, 16)
-    for as_map in (conv_glu._as_map, pooling._as_map):
-        m = as_map(x, (6, 5))
-        assert m.data_ptr() == x.data_ptr() and m.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(m, x.transpose(1, 2).reshape(1, 16, 6, 5), rtol=0, atol=0)
+    m = common.tokens_to_map(x, (6, 5))  # the one helper Conv-GLU and the pooling branch use
+    assert m.data_ptr() == x.data_ptr() and m.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(m, x.transpose(1, 2).reshape(1, 16, 6, 5), rtol=0, atol=0)
     w = torch.randn(16, 1, 3, 3)
     out = conv_glu._dwconv(x, w, None, (6, 5))
-    assert conv_glu._as_tokens(out).is_contiguous()
+    assert common.map_to_tokens(out).is_contiguous()
     expected = torch.nn.functional.conv2d(x.transpose(1, 2).reshape(1, 16, 6, 5).contiguous(), w, padding=1, groups=16)
     torch.testing.assert_close(out, expected)

@@ -15,26 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common, compiled
-from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing, needs_grad
+from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing, map_to_tokens, needs_grad, tokens_to_map
 from .dispatch import select_backend
-
-
-def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, N, C) tokens -> (B, C, H, W) view (channels-last strides when t is dense).
-
-    Splitting N keeps the batch stride; a transpose + reshape gives a batch of one an arbitrary
-    batch stride, which convolutions then read as a plain (B, C, H, W) layout and copy (at
-    800x1344 each depthwise conv then took 4-5x longer, mostly in that copy)."""
-    return t.unflatten(1, size).permute(0, 3, 1, 2)
-
-
-def _as_tokens(m: Tensor) -> Tensor:
-    return m.flatten(2).transpose(1, 2)
 
 
 def _dwconv(gate: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int]) -> Tensor:
     pad = weight.shape[-1] // 2
-    return F.conv2d(_as_map(gate, size), weight, bias, padding=pad, groups=weight.shape[0])
+    return F.conv2d(tokens_to_map(gate, size), weight, bias, padding=pad, groups=weight.shape[0])
 
 
 def _cast(dtype: torch.dtype | None, *ts: Tensor | None) -> list[Tensor | None]:
@@ -62,7 +49,7 @@ class _ConvGLU(torch.autograd.Function):
             value = F.linear(x, w1[hid:], None if b1 is None else b1[hid:])
             out = torch.empty(x.shape[:-1] + (w2.shape[0],), dtype=x.dtype, device=x.device)
             for b0, b1_ in _batch_chunks(x.shape[0], x.shape[1]):
-                hidden = _as_tokens(_dwconv(gate[b0:b1_], wd, bd, size))
+                hidden = map_to_tokens(_dwconv(gate[b0:b1_], wd, bd, size))
                 hidden = torch.ops.aten.gelu_(hidden) if hidden.is_contiguous() else F.gelu(hidden)
                 hidden.mul_(value[b0:b1_])
                 out[b0:b1_] = F.linear(hidden, w2, b2)
@@ -89,7 +76,7 @@ class _ConvGLU(torch.autograd.Function):
             d_b2 = x.new_zeros(c_out) if needs[6] and ctx.has_bias[2] else None
             for b0, b1_ in _batch_chunks(x.shape[0], x.shape[1]):
                 gs, vs, gr = gate[b0:b1_], value[b0:b1_], grad[b0:b1_]
-                conv_t = _as_tokens(_dwconv(gs, wd, bd, size))  # recomputed
+                conv_t = map_to_tokens(_dwconv(gs, wd, bd, size))  # recomputed
                 act = F.gelu(conv_t)
                 g2 = gr.reshape(-1, c_out)
                 if d_w2 is not None:
@@ -102,7 +89,7 @@ class _ConvGLU(torch.autograd.Function):
                 d_conv_t = torch.ops.aten.gelu_backward(d_hidden.mul_(vs), conv_t)
                 del d_hidden, conv_t
                 d_gate_map, dwd, dbd = torch.ops.aten.convolution_backward(
-                    _as_map(d_conv_t.contiguous(), size), _as_map(gs, size), wd, [hid] if bd is not None else None,
+                    tokens_to_map(d_conv_t.contiguous(), size), tokens_to_map(gs, size), wd, [hid] if bd is not None else None,
                     [1, 1], [wd.shape[-1] // 2] * 2, [1, 1], False, [0, 0], hid,
                     [need_gate, d_wd is not None, d_bd is not None],
                 )
@@ -113,7 +100,7 @@ class _ConvGLU(torch.autograd.Function):
                     d_bd += dbd
                 if not need_gate:
                     continue
-                d_gate = _as_tokens(d_gate_map).reshape(-1, hid)
+                d_gate = map_to_tokens(d_gate_map).reshape(-1, hid)
                 d_val = d_value.reshape(-1, hid)
                 if d_x is not None:
                     torch.mm(d_gate, w1[:hid], out=d_x[b0:b1_].view(-1, C)).addmm_(d_val, w1[hid:])
@@ -129,7 +116,7 @@ class _ConvGLU(torch.autograd.Function):
 
 def _plain(x, w1, b1, wd, bd, w2, b2, size, drop, training):
     gate, value = F.linear(x, w1, b1).chunk(2, dim=-1)
-    hidden = F.gelu(_as_tokens(_dwconv(gate, wd, bd, size))) * value
+    hidden = F.gelu(map_to_tokens(_dwconv(gate, wd, bd, size))) * value
     hidden = F.dropout(hidden, drop, training)
     return F.dropout(F.linear(hidden, w2, b2), drop, training)
 
@@ -141,7 +128,7 @@ def _traceable(x, w1, b1, wd, bd, w2, b2, size):
     hid = w2.shape[1]
     gate = F.linear(x, w1[:hid], None if b1 is None else b1[:hid])
     value = F.linear(x, w1[hid:], None if b1 is None else b1[hid:])
-    return F.linear(F.gelu(_as_tokens(_dwconv(gate, wd, bd, size))) * value, w2, b2)
+    return F.linear(F.gelu(map_to_tokens(_dwconv(gate, wd, bd, size))) * value, w2, b2)
 
 
 def conv_glu(
@@ -229,7 +216,7 @@ def _glu_chunk(x, w1, b1, wd, bd, w2, b2, size, r0, r1, ws=None):
     del gate
     if (r0, r1) != (0, size[0]):
         conv = conv[:, :, r0:r1]
-    hidden = _as_tokens(conv)
+    hidden = map_to_tokens(conv)
     hidden = torch.ops.aten.gelu_(hidden) if hidden.is_contiguous() else F.gelu(hidden)
     hidden.mul_(value)
     del value

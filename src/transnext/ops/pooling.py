@@ -14,17 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import compiled
-from ._common import autocast_dtype, autocast_off, is_tracing, needs_grad
+from ._common import autocast_dtype, autocast_off, is_tracing, map_to_tokens, needs_grad, tokens_to_map
 from .dispatch import select_backend
-
-
-def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
-    # Splitting N keeps the batch stride, so a batch of one stays channels-last (no copy).
-    return t.unflatten(1, size).permute(0, 3, 1, 2)
-
-
-def _as_tokens(m: Tensor) -> Tensor:
-    return m.flatten(2).transpose(1, 2)
 
 
 class _SrGeluPool(torch.autograd.Function):
@@ -37,7 +28,7 @@ class _SrGeluPool(torch.autograd.Function):
                 bias = None if bias is None else bias.to(low)
             w = weight.reshape(weight.shape[0], -1)
             y = F.gelu(F.linear(x, w, bias))
-            out = _as_tokens(F.adaptive_avg_pool2d(_as_map(y, size), pool))
+            out = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(y, size), pool))
         ctx.save_for_backward(x, w, bias)
         ctx.size, ctx.pool = size, pool
         ctx.weight_shape = weight.shape
@@ -50,9 +41,9 @@ class _SrGeluPool(torch.autograd.Function):
         with autocast_off(x.device.type):
             grad = grad.to(x.dtype)
             y = F.linear(x, w, bias)  # recomputed 1x1 conv
-            g_map = _as_map(grad, ctx.pool)
-            d_act = torch.ops.aten._adaptive_avg_pool2d_backward(g_map, _as_map(y, size))
-            d_y = torch.ops.aten.gelu_backward(_as_tokens(d_act), y)
+            g_map = tokens_to_map(grad, ctx.pool)
+            d_act = torch.ops.aten._adaptive_avg_pool2d_backward(g_map, tokens_to_map(y, size))
+            d_y = torch.ops.aten.gelu_backward(map_to_tokens(d_act), y)
             del d_act, y
             d2 = d_y.reshape(-1, d_y.shape[-1])
             needs = ctx.needs_input_grad
@@ -80,8 +71,8 @@ def sr_gelu_pool(
     if not plain and compiled.capture_mode(x, weight, bias) == "inference":
         return compiled.sr_gelu_pool(x, weight, bias, size, pool)
     if plain:
-        y = F.gelu(F.conv2d(_as_map(x, size), weight, bias))
-        return _as_tokens(F.adaptive_avg_pool2d(y, pool))
+        y = F.gelu(F.conv2d(tokens_to_map(x, size), weight, bias))
+        return map_to_tokens(F.adaptive_avg_pool2d(y, pool))
     if is_tracing():  # graph capture: the 1x1 conv as a product on the tokens, as the eager kernels run it
         return _inference(x, weight, bias, size, pool)
     if needs_grad(x, weight, bias):
@@ -93,4 +84,4 @@ def _inference(x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, 
     """No-grad path: the 1x1 conv as one matmul on the tokens, GELU, adaptive pooling."""
     y = F.linear(x, weight.reshape(weight.shape[0], -1), bias)
     y = F.gelu(y)
-    return _as_tokens(F.adaptive_avg_pool2d(_as_map(y, size), pool))
+    return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(y, size), pool))
