@@ -38,7 +38,7 @@ def require_pycocotools() -> Any:
     try:
         from pycocotools import mask as mask_utils
     except ImportError as e:
-        raise ImportError("COCO masks and evaluation need pycocotools: pip install 'transnext[dense]'") from e
+        raise ImportError("COCO masks and evaluation need pycocotools: pip install 'transnext-pytorch[dense]'") from e
     return mask_utils
 
 

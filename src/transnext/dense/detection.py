@@ -33,7 +33,7 @@ def _torchvision_detection() -> Any:
     try:
         import torchvision.models.detection as det
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("detectors need torchvision: pip install 'transnext[dense]'") from e
+        raise ImportError("detectors need torchvision: pip install 'transnext-pytorch[dense]'") from e
     return det
 
 

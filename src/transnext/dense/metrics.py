@@ -72,7 +72,7 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]], iou_types: 
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as e:
-        raise ImportError("COCO evaluation needs pycocotools: pip install 'transnext[dense]'") from e
+        raise ImportError("COCO evaluation needs pycocotools: pip install 'transnext-pytorch[dense]'") from e
     import numpy as np
 
     gt = dict(gt)
