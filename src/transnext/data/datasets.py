@@ -8,9 +8,10 @@ processes and reaches the training and evaluation loops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ __all__ = [
     "collate_skip",
     "find_images",
     "load_image",
+    "iter_batches",
     "scan_image_folder",
+    "worker_errors",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -30,6 +33,44 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 class DataError(ValueError):
     """A data set folder or image file is missing, empty, or unreadable."""
+
+
+def _worker_original(e: BaseException) -> BaseException | None:
+    """The error a DataLoader worker raised, rebuilt from the message torch re-raises it with in the main
+    process ("Caught X in DataLoader worker process N. Original Traceback ..."); None for any other error."""
+    text = str(e)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return None
+    cls = type(e)
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+    marker = f"\n{name}: "
+    at = text.rfind(marker)
+    if at >= 0:
+        try:
+            return cls(text[at + len(marker):].rstrip("\n"))
+        except Exception:  # an error type that takes other arguments: fall through to the last line
+            pass
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return RuntimeError(last)
+
+
+@contextlib.contextmanager
+def worker_errors() -> Iterator[None]:
+    """Re-raise an error from a DataLoader worker as the original error and message (a file that
+    cannot be read with ``strict``), without the worker's traceback folded into the message."""
+    try:
+        yield
+    except Exception as e:
+        original = _worker_original(e)
+        if original is None:
+            raise
+        raise original from None
+
+
+def iter_batches(loader: Any) -> Iterator[Any]:
+    """The batches of ``loader``, with worker errors re-raised as :func:`worker_errors` does."""
+    with worker_errors():
+        yield from loader
 
 
 def _is_image(name: str) -> bool:
@@ -114,14 +155,44 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+ALPHA_WARNING = "images with an alpha channel are composed on a white background before the model sees them"
+
+
+def to_rgb(img: Any) -> Any:
+    """8-bit RGB of any PIL image: deep grey scaled to 8 bits, transparency composed on white.
+
+    PIL's own ``convert("RGB")`` clips 16-bit grey values at 255 (a 16-bit photo becomes white)
+    and drops alpha, leaving whatever colour the transparent pixels happen to store.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.size and float(arr.max()) <= 1.0 else 255.0
+        else:
+            # 16-bit files (PNG, TIFF) decode as "I;16" or "I": their range is 0..65535
+            top = 65535.0 if img.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255) else 255.0
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        warnings.warn(ALPHA_WARNING, stacklevel=3)
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str) -> Any:
-    """Decode an image fully (so truncated files fail here) and convert it to RGB."""
+    """Decode an image fully (so truncated files fail here) and convert it to 8-bit RGB (:func:`to_rgb`)."""
     from PIL import Image
 
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 class ImageFileDataset:
