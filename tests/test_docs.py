@@ -124,3 +124,23 @@ def test_install_hint_placeholders_name_real_extras() -> None:
     from transnext.visualize import _common
 
     assert _common.EXTRA in _extras()
+
+
+def _package_imports(folder: str) -> set[str]:
+    """Sub-packages of transnext that the modules of ``folder`` import (relative or absolute, lazy included)."""
+    import ast
+
+    found = set()
+    for path in (ROOT / "src" / "transnext" / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level >= 2 or mod.startswith("transnext."):
+                    found.add(mod.removeprefix("transnext.").split(".")[0])
+    return found
+
+
+def test_models_and_data_do_not_import_each_other() -> None:
+    # both read the normalisation constants and the crop rule from the leaf module transnext.preprocessing
+    assert "data" not in _package_imports("models")
+    assert "models" not in _package_imports("data")

@@ -78,7 +78,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
 
 def eval_transform(data_cfg: dict[str, Any]) -> Any:
     from ..data import build_eval_transform
-    from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     return build_eval_transform(
         int(data_cfg["img_size"]), data_cfg.get("crop_pct"), data_cfg.get("interpolation") or "bicubic",

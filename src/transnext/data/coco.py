@@ -224,14 +224,20 @@ class CocoDetection:
         """Counts of what was skipped or changed while reading the annotation file."""
         return {"images": len(self.ids), "skipped": dict(self.skipped), "notes": list(self.notes)}
 
-    def coco_gt(self) -> dict[str, Any]:
-        """The checked annotations as a COCO dict (ground truth of the evaluation)."""
-        anns = [dict(a) for i in self.ids for a in self.annotations[i]]
+    def coco_gt(self, image_ids: Any = None) -> dict[str, Any]:
+        """The checked annotations as a COCO dict (ground truth of the evaluation).
+
+        ``image_ids``: keep only these images and their annotations (the images actually predicted:
+        an unreadable image is left out with its ground truth, as if the file did not list it).
+        """
+        keep = None if image_ids is None else {int(i) for i in image_ids}
+        ids = [i for i in self.ids if keep is None or i in keep]
+        anns = [dict(a) for i in ids for a in self.annotations[i]]
         for a in anns:
             if a["segmentation"] is None or not self.with_masks:
                 x, y, w, h = a["bbox"]
                 a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-        return dict(images=[self.images[i] for i in self.ids], annotations=anns, categories=self.categories)
+        return dict(images=[self.images[i] for i in ids], annotations=anns, categories=self.categories)
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:

@@ -7,8 +7,9 @@
   ``0..num_classes-1`` and ``ignore_index`` (255) for unlabelled pixels.
 
 Items are checked when they are loaded: an image and a label of different sizes, or label values
-outside ``0..num_classes-1`` other than the ignore index, give ``None`` (skipped, counted by
-:func:`collate_segmentation`, with a warning naming the file) or, with ``strict``, a
+outside ``0..num_classes-1`` other than the ignore index (in ``foreground_only`` mode, which
+merges every class but 0: source values outside the 8-bit range 0..255, e.g. a 16-bit label map),
+give ``None`` (skipped, counted by :func:`collate_segmentation`, with a warning naming the file) or, with ``strict``, a
 :class:`~transnext.data.DataError`. Pairing problems (a label without its image or the reverse)
 are found when the folder is opened, with the same rule.
 
@@ -130,14 +131,39 @@ class SegmentationDataset:
             raise DataError(msg + " (--strict-data)")
         warnings.warn(msg + "; skipped", stacklevel=3)
 
-    def load_label(self, path: str) -> Any:
+    @staticmethod
+    def _read_label(path: str) -> Any:
         import numpy as np
         from PIL import Image
 
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise DataError(f"label map {path} has mode {im.mode}; expected a single-channel PNG of class indices")
-            label = np.array(im, dtype=np.int64)
+            return np.array(im, dtype=np.int64)
+
+    def load_label(self, path: str) -> Any:
+        """The label map of ``path`` after ``reduce_zero_label`` and the foreground merge."""
+        return self._convert(self._read_label(path))
+
+    def _source_out_of_range(self, raw: Any, path: str) -> str | None:
+        """Foreground-only mode merges every class > 0, so the class-count check cannot catch a value that is no
+        class index at all (a 16-bit map of values x257): the source values must be 8-bit class indices."""
+        import numpy as np
+
+        bad = (raw < 0) | (raw > 255)
+        if not self.reduce_zero_label:
+            bad &= raw != self.ignore_index
+        if not bad.any():
+            return None
+        values = sorted(np.unique(raw[bad]).tolist())
+        meaning = "0 = ignore, 1 = background, 2..254 = foreground" if self.reduce_zero_label else \
+            f"0 = background, {self.ignore_index} = ignore, any other value = foreground"
+        return (f"label map {path} has values {values[:8]} outside 0..255 (foreground-only mode reads 8-bit class indices: "
+                f"{meaning})")
+
+    def _convert(self, label: Any) -> Any:
+        import numpy as np
+
         if self.reduce_zero_label:
             # mmseg's reduce_zero_label: 0 -> 255 (ignore), k -> k - 1, and a 255 stays 255.
             label = np.where(label == 0, 256, label) - 1
@@ -153,12 +179,22 @@ class SegmentationDataset:
         img_path, label_path = self.pairs[index]
         try:
             img = load_image(img_path)
-            label = self.load_label(label_path)
+        except Exception as e:  # PIL raises many types for broken files
+            self._bad(f"cannot read image {img_path}: {type(e).__name__}: {e}")
+            return None
+        try:
+            raw = self._read_label(label_path)
         except DataError:
             raise
-        except Exception as e:  # unreadable file
-            self._bad(f"cannot read {img_path} or {label_path}: {type(e).__name__}: {e}")
+        except Exception as e:
+            self._bad(f"cannot read label map {label_path}: {type(e).__name__}: {e}")
             return None
+        if self.foreground_only:
+            problem = self._source_out_of_range(raw, label_path)
+            if problem is not None:
+                self._bad(problem)
+                return None
+        label = self._convert(raw)
         if label.shape != (img.height, img.width):
             self._bad(f"image {img_path} is {img.width}x{img.height} but its label map {label_path} is {label.shape[1]}x{label.shape[0]}")
             return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# One source for the normalisation constants and the evaluation crop rule: the weights registry.
-from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, eval_crop
+# One source for the normalisation constants and the evaluation crop rule, shared with the weights records.
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, eval_crop
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_eval_transform", "build_train_transform", "eval_crop", "imagenet_c_transform"]
 
@@ -30,23 +30,6 @@ def build_train_transform(
         input_size=img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
         color_jitter=color_jitter, auto_augment=auto_augment or None, interpolation=interpolation,
         mean=tuple(mean), std=tuple(std), re_prob=re_prob, re_mode=re_mode, re_count=1,
-    )
-
-
-def build_eval_transform(
-    img_size: int,
-    crop_pct: float | None = None,
-    interpolation: str = "bicubic",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    crop_mode: str | None = None,
-) -> Callable[[Any], Any]:
-    from timm.data import create_transform
-
-    pct, mode = eval_crop(img_size, crop_pct)
-    return create_transform(
-        input_size=img_size, is_training=False, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
-        crop_pct=pct, crop_mode=crop_mode or mode,
     )
 
 

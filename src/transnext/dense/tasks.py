@@ -103,6 +103,13 @@ def _announce(msg: str, info: Any) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _nothing_evaluated(skipped: int) -> str:
+    if skipped:
+        return (f"no image could be evaluated: all {skipped} image(s) were skipped as unreadable or unusable "
+                "(see the warnings above); fix or remove them (--strict-data stops at the first one and names it)")
+    return "no image to evaluate: the evaluation data is empty"
+
+
 # ---------------------------------------------------------------------- detection
 def coco_dataset(cfg: Any, split: str, train: bool) -> Any:
     from ..data.coco import CocoDetection, DetectionTransform
@@ -118,31 +125,45 @@ def coco_dataset(cfg: Any, split: str, train: bool) -> Any:
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, loader: Any, dataset: Any, device: torch.device, info: Any = None,
                       amp: str | None = None, progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(scalar metrics, full COCO figures incl. per-class AP and the raw ``results`` entries)``."""
+    """``(scalar metrics, full COCO figures incl. per-class AP and the raw ``results`` entries)``.
+
+    Only the images actually predicted are scored: one that could not be read is left out together
+    with its ground truth (``full["gt"]`` is the ground truth used), and counted in ``metrics["skipped"]``
+    and ``full["skipped_images"]``. No image predicted at all is an error.
+    """
+    from ..data import DataError
+    from ..data.datasets import iter_batches
     from ..engine.distributed import all_gather_object
     from .metrics import coco_evaluate, detections_to_coco
 
     model.eval()
     results: list[dict[str, Any]] = []
+    seen: list[int] = []
     n = skipped = 0
     autocast = _autocast(device, amp)
-    bar = _bar(loader, progress, "evaluating")
-    for images, targets, n_skipped in bar:
+    for images, targets, n_skipped in iter_batches(_bar(loader, progress, "evaluating")):
         skipped += n_skipped
         if not images:
             continue
         with autocast:
             outputs = model([im.to(device) for im in images])
         outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
-        results.extend(detections_to_coco(outputs, [t["image_id"] for t in targets], dataset.label_to_cat_id))
+        ids = [int(t["image_id"]) for t in targets]
+        results.extend(detections_to_coco(outputs, ids, dataset.label_to_cat_id))
+        seen.extend(ids)
         n += len(images)
     if info is not None and info.distributed:
-        gathered = all_gather_object((results, n, skipped), info)
+        gathered = all_gather_object((results, n, skipped, seen), info)
         results = [r for g in gathered for r in g[0]]
         n, skipped = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+        seen = [i for g in gathered for i in g[3]]
+    if n == 0:
+        raise DataError(_nothing_evaluated(skipped))
     iou_types = ("bbox", "segm") if getattr(dataset, "with_masks", False) else ("bbox",)
-    full = coco_evaluate(dataset.coco_gt(), results, iou_types=iou_types)
-    full["results"] = results
+    gt = dataset.coco_gt(seen)
+    full = coco_evaluate(gt, results, iou_types=iou_types)
+    full["images"], full["skipped_images"] = n, skipped
+    full["results"], full["gt"] = results, gt
     metrics: dict[str, Any] = {}
     for t in iou_types:
         for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
@@ -225,7 +246,7 @@ class DetectionTask(Task):
 
     def evaluate(self, model: torch.nn.Module, loader: Any, run: TrainRun) -> dict[str, float]:
         metrics, full = evaluate_detector(model, loader, self.val_set, run.device, run.info, run.amp)
-        self.last_full = {k: v for k, v in full.items() if k != "results"}
+        self.last_full = {k: v for k, v in full.items() if k not in ("results", "gt")}
         return metrics
 
     def param_groups(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
@@ -290,16 +311,23 @@ def _class_names(cfg: Any) -> list[str] | None:
 def evaluate_segmenter(model: torch.nn.Module, loader: Any, num_classes: int, device: torch.device, classes: list[str] | None = None,
                        info: Any = None, mode: str = "whole", crop: int = 512, stride: int = 341, scales: tuple = (1.0,),
                        flip: bool = False, ignore_index: int = 255, amp: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """mIoU / mAcc / aAcc (+ ``per_class``) of ``model`` over ``loader`` (one image per item; labels at full size)."""
+    """mIoU / mAcc / aAcc (+ ``per_class``) of ``model`` over ``loader`` (one image per item; labels at full size).
+
+    Skipped items are counted in ``skipped``; no image evaluated at all is an error (not NaN metrics).
+    """
+    from ..data import DataError
+    from ..data.datasets import iter_batches
     from ..engine.distributed import reduce_sum
-    from .inference import segment_image
+    from .inference import check_slide, segment_image
     from .metrics import SegmentationMetric
 
+    if mode == "slide":
+        check_slide(crop, stride)  # before any image: a bad setting fails at once, not after a pass over the data
     model.eval()
     metric = SegmentationMetric(num_classes, ignore_index)
     n = skipped = 0
     autocast = _autocast(device, amp)
-    for images, labels, n_skipped in _bar(loader, progress, "evaluating"):
+    for images, labels, n_skipped in iter_batches(_bar(loader, progress, "evaluating")):
         skipped += n_skipped
         if images is None:
             continue
@@ -313,6 +341,8 @@ def evaluate_segmenter(model: torch.nn.Module, loader: Any, num_classes: int, de
         flat = reduce_sum(metric.confusion.flatten().tolist() + [float(n), float(skipped)], info)
         metric.confusion = torch.tensor(flat[:-2], dtype=torch.float64).reshape(num_classes, num_classes)
         n, skipped = int(flat[-2]), int(flat[-1])
+    if n == 0:
+        raise DataError(_nothing_evaluated(skipped))
     out = metric.compute(classes)
     out["confusion"] = metric.confusion.tolist()  # [label, prediction] pixel counts
     out["n"] = n
@@ -407,32 +437,29 @@ class SegmentationTask(Task):
 
 # ---------------------------------------------------------------------- helpers
 def _load_initial(model: torch.nn.Module, path: str) -> None:
-    """Weights of an earlier dense run (same architecture); heads of another class count are kept fresh."""
-    from ..engine.state import safe_torch_load
+    """Weights of an earlier dense run (same architecture); heads of another class count are kept fresh.
 
-    ck = safe_torch_load(path, "initial checkpoint")
-    state = ck.get("model", ck) if isinstance(ck, dict) else ck
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
+    Read by the project's one safe loader (:func:`transnext.checkpoints.load_checkpoint`: weights only, no
+    pickled code, NaN/Inf refused), without the classification key filter and loading whatever fits.
+    """
+    from ..checkpoints import load_checkpoint
+
+    report = load_checkpoint(model, path, strict=False, filter_fn=None)
+    own = len(model.state_dict())
+    left = len(report["missing_keys"]) + len(report["mismatched_keys"])
+    if left >= own:
         raise ValueError(f"--initial-checkpoint {path}: no tensor matches this model "
                          "(use --backbone-weights for a classification checkpoint)")
-    model.load_state_dict(usable, strict=False)
-    left = len(own) - len(usable)
     if left:
-        _announce(f"--initial-checkpoint: {len(usable)} tensors loaded, {left} kept at their initial values", None)
+        _announce(f"--initial-checkpoint: {own - left} tensors loaded, {left} kept at their initial values", None)
 
 
 def _autocast(device: torch.device, amp: str | None) -> Any:
-    try:
-        from ..engine.amp import autocast
-    except ImportError:  # older engine layout
-        from ..engine.evaluate import autocast_context as autocast  # type: ignore[no-redef]
-    if amp in (None, "none"):
-        import contextlib
+    """The shared AMP rule (:func:`transnext.engine.amp.autocast`); unset (``None``) keeps the dense
+    evaluations in full precision on every device, as they always ran."""
+    from ..engine.amp import autocast
 
-        return contextlib.nullcontext()
-    return autocast(device, amp)
+    return autocast(device, "none" if amp is None else amp)
 
 
 def _bar(loader: Any, progress: bool, desc: str) -> Any:

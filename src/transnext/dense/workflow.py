@@ -50,14 +50,25 @@ def _fmt(v: float) -> str:
 
 
 # ---------------------------------------------------------------------- detection
+def _skip_line(skipped: int | None) -> list[str]:
+    if not skipped:
+        return []
+    return ["", f"skipped images: {skipped} (unreadable or unusable, left out of the evaluation with their ground truth; "
+                "see the warnings; --strict-data makes this an error)"]
+
+
 def detection_markdown(full: dict[str, Any], title: str) -> str:
+    tables = {t: r for t, r in full.items() if isinstance(r, dict) and "AP" in r}  # bbox / segm (not the image counts)
     lines = [f"## {title}", "", "| metric | AP | AP50 | AP75 | APs | APm | APl |", "|---|---|---|---|---|---|---|"]
-    for t, r in full.items():
+    for t, r in tables.items():
         lines.append(f"| {t} | " + " | ".join(_fmt(r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + " |")
-    lines += ["", "| class | " + " | ".join(f"{t} AP" for t in full) + " |", "|---|" + "---|" * len(full)]
-    first = next(iter(full.values()))
+    lines += ["", "| class | " + " | ".join(f"{t} AP" for t in tables) + " |", "|---|" + "---|" * len(tables)]
+    first = next(iter(tables.values()))
     for name in first["per_class"]:
-        lines.append(f"| {name} | " + " | ".join(_fmt(full[t]["per_class"][name]) for t in full) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(tables[t]["per_class"][name]) for t in tables) + " |")
+    if "images" in full:
+        lines += ["", f"{full['images']} images evaluated"]
+    lines += _skip_line(full.get("skipped_images"))
     return "\n".join(lines) + "\n"
 
 
@@ -81,14 +92,14 @@ def evaluate_detection(checkpoint: str | Path, data_dir: str | Path, split: str,
         raise ValueError(f"{ann} has categories {ds.classes[:5]}... but the model was trained on {trained[:5]}...")
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_detection)
     metrics, full = evaluate_detector(model.to(dev), loader, ds, dev, amp=amp, progress=progress)
-    result = {"metrics": metrics, "coco": {k: v for k, v in full.items() if k != "results"}, "data": ds.report,
-              "checkpoint": str(checkpoint), "split": split}
+    result = {"metrics": metrics, "coco": {k: v for k, v in full.items() if k not in ("results", "gt")}, "data": ds.report,
+              "skipped_images": full["skipped_images"], "checkpoint": str(checkpoint), "split": split}
     if output is not None:
         out = Path(output)
         _write_text(out / "eval.json", json.dumps(result, indent=2))
         _write_text(out / "eval.md", detection_markdown(result["coco"], f"{Path(str(data_dir)).name} / {split}"))
     result["results"] = full["results"]  # the COCO result entries (not written to eval.json)
-    result["gt"] = ds.coco_gt()
+    result["gt"] = full["gt"]  # the ground truth scored: the images predicted (an unreadable one is left out)
     return result
 
 
@@ -183,9 +194,11 @@ def _seg_dataset(data_dir: str | Path, split: str, info: dict[str, Any], data_fo
     fmt = data_format or info["data_cfg"].get("format", "ade20k")
     scale = tuple(resize_scale) if resize_scale else tuple(info["data_cfg"].get("resize_scale") or (2048, 512))
     classes = info.get("classes")
+    # the ignore index the model was trained and validated with (data_cfg of the checkpoint), as training validation reads it
     return SegmentationDataset.from_folders(root / "images" / split, root / "annotations" / split, info["arch"]["num_classes"],
                                             strict=strict, what=f"{split} split", transform=SegmentationEvalTransform(scale),
                                             reduce_zero_label=fmt == "ade20k", classes=classes,
+                                            ignore_index=int(info["data_cfg"].get("ignore_index", 255)),
                                             foreground_only=bool(info["data_cfg"].get("foreground_only")))
 
 
@@ -197,23 +210,29 @@ def evaluate_segmentation(checkpoint: str | Path, data_dir: str | Path, split: s
     from torch.utils.data import DataLoader
 
     from ..data.segmentation import collate_segmentation
+    from .inference import check_slide
     from .modeling import dense_model_from_checkpoint
     from .tasks import evaluate_segmenter
 
     dev = _device(device)
     model, info = dense_model_from_checkpoint(checkpoint, task="segment")
-    ds = _seg_dataset(data_dir, split, info, data_format, strict, resize_scale)
-    loader = DataLoader(ds, batch_size=1, num_workers=num_workers, collate_fn=collate_segmentation)
     dc = info["data_cfg"]
     mode = mode or dc.get("eval_mode", "whole")
-    res = evaluate_segmenter(model.to(dev), loader, ds.num_classes, dev, ds.classes, None, mode, crop or dc.get("crop_size", 512),
-                             stride or dc.get("eval_stride", 341), tuple(scales), flip, dc.get("ignore_index", 255), amp, progress)
+    crop = crop if crop is not None else dc.get("crop_size", 512)
+    stride = stride if stride is not None else dc.get("eval_stride", 341)
+    if mode == "slide":
+        check_slide(crop, stride)  # before reading the data
+    ds = _seg_dataset(data_dir, split, info, data_format, strict, resize_scale)
+    loader = DataLoader(ds, batch_size=1, num_workers=num_workers, collate_fn=collate_segmentation)
+    res = evaluate_segmenter(model.to(dev), loader, ds.num_classes, dev, ds.classes, None, mode, crop, stride, tuple(scales), flip,
+                             ds.ignore_index, amp, progress)
     result = {"metrics": res, "checkpoint": str(checkpoint), "split": split, "mode": mode, "scales": list(scales), "flip": flip}
     if output is not None:
         out = Path(output)
         _write_text(out / "eval.json", json.dumps(result, indent=2))
-        _write_text(out / "eval.md", segmentation_markdown(res, f"{Path(str(data_dir)).name} / {split} ({mode}"
-                                                           f"{', multi-scale' if len(scales) > 1 else ''}{', flip' if flip else ''})"))
+        md = segmentation_markdown(res, f"{Path(str(data_dir)).name} / {split} ({mode}"
+                                        f"{', multi-scale' if len(scales) > 1 else ''}{', flip' if flip else ''})")
+        _write_text(out / "eval.md", md + "".join(line + "\n" for line in _skip_line(res.get("skipped"))))
     return result
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_config_file", "resolve_config", "save_config"]
 

@@ -96,7 +96,9 @@ def evaluate(
 
         bar = tqdm(total=len(loader), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
-    for x, y, n_skip in loader:
+    from ..data.datasets import iter_batches
+
+    for x, y, n_skip in iter_batches(loader):  # a worker's --strict-data error surfaces as the original one-line error
         skipped += n_skip
         if x is not None:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -221,7 +223,7 @@ def benchmark_transform(benchmark: str, data_cfg: dict[str, Any], imagenet_c_pro
     """
     from ..data import build_eval_transform, eval_crop
     from ..data.transforms import imagenet_c_transform
-    from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     mean = tuple(data_cfg.get("mean") or IMAGENET_MEAN)
     std = tuple(data_cfg.get("std") or IMAGENET_STD)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..preprocessing import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, eval_crop
 from .transnext import TransNeXt
 
 __all__ = [
@@ -19,20 +20,6 @@ __all__ = [
     "list_pretrained", "variant_kwargs",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Published evaluation crop: below 384 px resize the short side to size / 0.875 and centre-crop;
-# at 384 px and above resize straight to size x size ("squash").
-DEFAULT_CROP_PCT = 0.875
-SQUASH_FROM_SIZE = 384
-
-
-def eval_crop(img_size: int, crop_pct: float | None = None) -> tuple[float, str]:
-    """``(crop_pct, crop_mode)`` of the published evaluation rule at ``img_size`` (or a given ``crop_pct``)."""
-    if crop_pct is None:
-        return (1.0, "squash") if img_size >= SQUASH_FROM_SIZE else (DEFAULT_CROP_PCT, "center")
-    return crop_pct, "center"
 
 _COMMON = dict(mlp_ratios=(8, 8, 4, 4), qkv_bias=True)
 
@@ -145,8 +132,6 @@ class Weights:
 
         if importlib.util.find_spec("timm") is None:
             raise ImportError("Weights.transforms() builds the transform with timm: pip install 'transnext-pytorch[timm]'")
-        from ..data.transforms import build_eval_transform
-
         return build_eval_transform(
             self.img_size, crop_pct=self.crop_pct, interpolation=self.interpolation, mean=self.mean, std=self.std,
             crop_mode=self.crop_mode,
