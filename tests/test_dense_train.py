@@ -172,7 +172,7 @@ def test_reference_no_decay_rule() -> None:
 def test_step_schedule_of_mask_rcnn_recipe(demo_root: Path, tmp_path: Path, one_thread) -> None:
     from transnext.dense.config import DetectionConfig
     from transnext.dense.tasks import DetectionTask
-    from transnext.dense.train import DenseTrainRun
+    from transnext.engine.trainer import TrainRun
 
     cfg = DetectionConfig(dataset="folder", data_dir=str(demo_root), train_split="train", val_split="val", output=str(tmp_path),
                           model_kwargs={k: v for k, v in TRUNK.items() if k not in ("img_size", "drop_path_rate")}, img_size=64,
@@ -181,7 +181,7 @@ def test_step_schedule_of_mask_rcnn_recipe(demo_root: Path, tmp_path: Path, one_
                           **{k: v for k, v in DET_HEADS.items() if k in ("fpn_channels", "representation_size", "max_size")},
                           min_size=(64,), mask_layers=(8,))
     cfg.validate()
-    run = DenseTrainRun(cfg, DetectionTask())
+    run = TrainRun(cfg, DetectionTask())
     run.setup()
     lrs = []
     for step in range(run.total_steps):

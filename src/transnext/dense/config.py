@@ -47,19 +47,7 @@ class _DenseFields(TrainConfig):
     reference_no_decay: bool = True  # weight decay rule of the reference dense configs (else: no decay on 1-D params)
     backbone_lr_mult: float = 1.0  # learning-rate scale of the trunk
     layer_decay: float | None = None  # layer-wise lr decay over the trunk's group_matcher layers (None: off)
-    decay_milestones: tuple = (8, 11)  # sched="step": epochs after which the lr is multiplied by decay_rate
-    decay_rate: float = 0.1
-
-    def validate(self) -> None:
-        # "step" is run by transnext.dense.train.DenseTrainRun; the shared checks know the other schedules.
-        step = self.sched == "step"
-        if step:
-            self.sched = "cosine"
-        try:
-            super().validate()
-        finally:
-            if step:
-                self.sched = "step"
+    # sched="step" (decay_milestones, decay_rate) is a schedule of the shared TrainConfig
 
 
 @dataclass

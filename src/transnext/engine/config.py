@@ -16,7 +16,9 @@ from typing import Any
 
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_config_file", "resolve_config", "save_config"]
+SCHEDULES = ("cosine", "poly", "step", "constant")
+
+__all__ = ["SCHEDULES", "TrainConfig", "add_config_arguments", "config_from_args", "load_config_file", "resolve_config", "save_config"]
 
 
 @dataclass
@@ -47,9 +49,11 @@ class TrainConfig:
     lr: float = 1e-3
     opt_eps: float = 1e-8
     weight_decay: float = 0.05
-    sched: str = "cosine"  # "cosine", "poly" or "constant"
+    sched: str = "cosine"  # "cosine", "poly", "step" (multi-step, the Mask R-CNN 1x schedule) or "constant"
     sched_per_step: bool = True  # False: step the schedule once per epoch, like the reference
     poly_power: float = 1.0  # exponent of the "poly" schedule
+    decay_milestones: tuple = (8, 11)  # sched="step": epochs from which the lr is multiplied by decay_rate once more
+    decay_rate: float = 0.1  # sched="step": factor applied at each milestone
     warmup_epochs: float = 5
     warmup_steps: int | None = None  # warm-up length in optimizer steps (overrides warmup_epochs)
     warmup_lr: float = 1e-6
@@ -120,7 +124,7 @@ class TrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.img_size >= 1, f"img_size must be positive, got {self.img_size}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.sched in ("cosine", "poly", "constant"), f"sched must be 'cosine', 'poly' or 'constant', got {self.sched!r}"),
+            (self.sched in SCHEDULES, f"sched must be 'cosine', 'poly', 'step' or 'constant', got {self.sched!r}"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.eval_every_steps >= 0 and self.save_every_steps >= 0, "eval_every_steps and save_every_steps must be >= 0"),
             (self.amp in ("auto", "fp16", "bf16", "none"), f"amp must be auto, fp16, bf16 or none, got {self.amp!r}"),
@@ -137,8 +141,19 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.sched == "step":
+            _check_step_schedule(self.decay_milestones, self.decay_rate)
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("no training data: pass --data-dir DIR (an ImageFolder tree with train/ and val/) or --dataset demo")
+
+
+def _check_step_schedule(milestones: tuple, rate: float) -> None:
+    """The milestones (epochs) of ``sched="step"`` must be >= 0 and increasing; the rate in (0, 1]."""
+    ms = list(milestones)
+    if not ms or any(m < 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+        raise ValueError(f"decay_milestones must be one or more increasing epochs >= 0 (e.g. 8 11), got {tuple(ms)}")
+    if not 0 < rate <= 1:
+        raise ValueError(f"decay_rate must be in (0, 1] (the lr is multiplied by it at each milestone), got {rate}")
 
 
 def _plain(v: Any) -> Any:
@@ -267,6 +282,8 @@ _HELP = {
     "max_steps": "run length in optimizer steps (overrides --epochs; e.g. 160000 with --sched poly)",
     "eval_every_steps": "evaluate every N optimizer steps instead of every --eval-every epochs",
     "warmup_steps": "warm-up length in optimizer steps (overrides --warmup-epochs)",
+    "sched": "learning-rate schedule: cosine, poly, step (x --decay-rate at each of --decay-milestones) or constant",
+    "decay_milestones": "--sched step: epochs from which the lr is multiplied by --decay-rate once more",
 }
 
 

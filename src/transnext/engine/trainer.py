@@ -158,6 +158,38 @@ def _set_determinism(cfg: TrainConfig, info: DistInfo) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# ---------------------------------------------------------------------- schedules
+def multistep_scheduler(optimizer: torch.optim.Optimizer, milestones: list[int], decay_rate: float, warmup_t: int,
+                       warmup_lr_init: float, t_in_epochs: bool) -> Any:
+    """The multi-step schedule (``sched="step"``) as a timm scheduler: linear warm-up from ``warmup_lr_init``
+    to the base lr over ``warmup_t``, then ``lr * decay_rate**k`` with ``k`` the number of milestones ``<= t``.
+
+    The decay starts at index ``t == m`` (mmcv's step policy, e.g. the Mask R-CNN 1x recipe: x0.1 from the
+    first iteration of epochs 9 and 12 with milestones 8 and 11); timm's ``MultiStepLRScheduler`` decays one
+    index earlier, hence this class.
+    """
+    import bisect
+
+    from timm.scheduler.scheduler import Scheduler
+
+    class _MultiStepWarmup(Scheduler):
+        def __init__(self) -> None:
+            super().__init__(optimizer, "lr", t_in_epochs=t_in_epochs)
+            self.milestones = sorted(int(m) for m in milestones)
+            self.decay_rate = decay_rate
+            self.warmup_t = warmup_t
+            self.warmup_lr_init = warmup_lr_init
+            self.update_groups(self._get_lr(0))
+
+        def _get_lr(self, t: int) -> list[float]:
+            factor = self.decay_rate ** bisect.bisect_right(self.milestones, t)
+            if t < self.warmup_t:
+                return [self.warmup_lr_init + t * (v * factor - self.warmup_lr_init) / self.warmup_t for v in self.base_values]
+            return [v * factor for v in self.base_values]
+
+    return _MultiStepWarmup()
+
+
 # ---------------------------------------------------------------------- the run
 class TrainRun:
     """One training job: :meth:`setup`, :meth:`resume`, then :meth:`fit` (steps, epoch ends,
@@ -312,6 +344,10 @@ class TrainRun:
             warmup = cfg.warmup_steps if per_step else math.ceil(cfg.warmup_steps / self.steps_per_epoch)
         else:
             warmup = round(cfg.warmup_epochs * self.steps_per_epoch) if per_step else round(cfg.warmup_epochs)
+        if cfg.sched == "step":
+            unit = self.steps_per_epoch if per_step else 1  # milestones are given in epochs
+            return multistep_scheduler(self.optimizer, [round(m * unit) for m in cfg.decay_milestones], cfg.decay_rate, warmup,
+                                      cfg.warmup_lr, t_in_epochs=not per_step)
         common = dict(t_initial=self.total_steps if per_step else cfg.epochs, warmup_t=warmup, warmup_lr_init=cfg.warmup_lr,
                       t_in_epochs=not per_step)
         if cfg.sched == "poly":
