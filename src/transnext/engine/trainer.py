@@ -218,6 +218,7 @@ class TrainRun:
         self._stop: _StopFlag | None = None
         self._stop_requested = False
         self._step_times: list[float] = []
+        self._buffers_synced = True
         self._ready = False
 
     # ------------------------------------------------------------------ helpers
@@ -232,6 +233,32 @@ class TrainRun:
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
+
+    def sync_buffers(self) -> None:
+        """Under DDP, make every process hold the same buffers (collective; a no-op when already in sync).
+
+        DDP broadcasts rank 0's buffers before each forward, so after a step each process keeps the
+        BatchNorm statistics of its own batch: evaluations (each process scores its shard) and the saved
+        model would mix different models. The running statistics are averaged over the processes (the
+        running mean then is that of all their batches); every other buffer is rank 0's.
+        """
+        if not self.info.distributed or self._buffers_synced:
+            return
+        import torch.distributed as dist
+
+        averaged: set[int] = set()
+        with torch.no_grad():
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    for b in (m.running_mean, m.running_var):
+                        if b is not None:
+                            dist.all_reduce(b)
+                            b.div_(self.info.world_size)
+                            averaged.add(id(b))
+            for b in self.model.buffers():
+                if id(b) not in averaged:
+                    dist.broadcast(b, 0)
+        self._buffers_synced = True
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -394,6 +421,7 @@ class TrainRun:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """Everything :meth:`resume` needs (collective under DDP: every process's RNG state is gathered)."""
+        self.sync_buffers()
         rng = all_gather_object(capture_rng_state(), self.info)
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -414,6 +442,7 @@ class TrainRun:
         return path
 
     def save_best(self) -> Path:
+        self.sync_buffers()
         path = self.out / "best.pth"
         if self.info.is_main:
             save_training_checkpoint(path, {
@@ -514,6 +543,7 @@ class TrainRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._buffers_synced = False
         self.global_step += 1
         return step_loss, n_samples, logs, lr, time.perf_counter() - t0
 
@@ -568,6 +598,7 @@ class TrainRun:
         """The task's metrics on the validation split ({} without one); the model returns to training mode."""
         if self.val_loader is None:
             return {}
+        self.sync_buffers()
         metrics = self.task.evaluate(self.model, self.val_loader, self)
         self.model.train()
         self.last_eval = dict(metrics)
@@ -641,6 +672,7 @@ class TrainRun:
 
     def summary(self) -> dict[str, Any]:
         """Paths, best and final metrics, steps, time; writes the ``end`` record (checks replicas under DDP)."""
+        self.sync_buffers()
         out = self.out
         summary = {
             "output": str(out), "last": str(out / "last.pth"), "best": str(out / "best.pth"),
@@ -651,9 +683,10 @@ class TrainRun:
         }
         end: dict[str, Any] = {"event": "end", "global_step": self.global_step, "time_s": summary["time_s"],
                                "best_metric": self.task.best_metric, "best": self.best}
-        if self.info.distributed:  # every process must hold the same weights after synchronised steps
+        if self.info.distributed:  # every process must hold the same weights (and BatchNorm statistics) after synchronised steps
+            tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())]
             with torch.no_grad():
-                digest = float(sum(p.double().abs().sum() for p in self.model.parameters()))
+                digest = float(sum(t.double().abs().sum() for t in tensors))
             digests = all_gather_object(digest, self.info)
             end["replica_digests"] = digests
             summary["replicas_in_sync"] = end["replicas_in_sync"] = max(digests) == min(digests)
