@@ -173,3 +173,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- dense tasks
+# A TransNeXt trunk and heads small enough for CPU tests of detection / segmentation on 64 px demo scenes.
+DENSE_TRUNK = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
+_DENSE_COMMON = dict(dataset="folder", train_split="train", val_split="val", test_split="test", model_kwargs=DENSE_TRUNK,
+                     img_size=64, pretrain_size=64, batch_size=4, epochs=2, lr=1e-3, threads=1, progress=False, log_every=1)
+# overrides of the detect_demo recipe
+DENSE_DET_OPTS = dict(_DENSE_COMMON, drop_path=0.0, min_size=[64], max_size=64, fpn_channels=16, representation_size=32,
+                      mask_layers=[8], detections_per_img=10,
+                      detector_kwargs=dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
+                                           rpn_post_nms_top_n_test=30, box_batch_size_per_image=32))
+# overrides of the segment_demo recipe (animals against background, 2 classes)
+DENSE_SEG_OPTS = dict(_DENSE_COMMON, drop_path=0.1, crop_size=64, resize_scale=[64, 64], channels=16, aux_channels=8)
+
+
+def dense_flags(opts: dict, **overrides) -> list[str]:
+    """Options of a dense run (e.g. DENSE_DET_OPTS + overrides) as ``transnext detect/segment train`` flags."""
+    import json
+
+    flags: list[str] = []
+    for k, v in dict(opts, **overrides).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, dict):
+            flags += [flag, json.dumps(v)]
+        elif isinstance(v, (list, tuple)):
+            flags += [flag, *map(str, v)]
+        else:
+            flags += [flag, "none" if v is None else str(v)]
+    return flags
+
+
+class SaveWeightsAtEnd(Callback):
+    """Every process writes its final weights to ``<folder>/rank<r>.pth`` (to compare DDP replicas)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_run_end(self, run, summary) -> None:
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, self.folder / f"rank{run.info.rank}.pth")
