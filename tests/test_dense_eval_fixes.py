@@ -266,3 +266,16 @@ def test_classification_eval_strict_worker_error_is_one_line(tmp_path: Path) -> 
     r = run_cli("eval", str(data), "--checkpoint", str(tmp_path / "tiny.pth"), "--strict-data", "--num-workers", "2", "--no-progress")
     assert r.returncode == 1
     _one_line_error(r.stderr, "bad.jpg", "cannot read image")
+
+
+def test_metrics_over_nothing_are_errors() -> None:
+    from transnext.dense.metrics import SegmentationMetric, coco_evaluate
+
+    m = SegmentationMetric(3, ignore_index=254)
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        m.compute()
+    m.update(torch.zeros(2, 2), torch.full((2, 2), 254))  # only ignored pixels
+    with pytest.raises(ValueError, match="ignore index 254"):
+        m.compute()
+    with pytest.raises(ValueError, match="no image"):
+        coco_evaluate(dict(images=[], annotations=[], categories=[dict(id=1, name="cat")]), [])

@@ -75,6 +75,8 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]], iou_types: 
         raise ImportError("COCO evaluation needs pycocotools: pip install 'transnext-pytorch[dense]'") from e
     import numpy as np
 
+    if not gt.get("images"):
+        raise ValueError("COCO evaluation over no image: the ground truth lists no images (every image skipped, or an empty split)")
     gt = dict(gt)
     gt.setdefault("info", {})
     gt.setdefault("licenses", [])
@@ -137,8 +139,14 @@ class SegmentationMetric:
         self.confusion += torch.bincount(idx, minlength=n * n).reshape(n, n).to(self.confusion)
 
     def compute(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
-        """``{"mIoU", "mAcc", "aAcc"}`` in percent, plus ``per_class`` ``{name: {"IoU", "Acc"}}``."""
+        """``{"mIoU", "mAcc", "aAcc"}`` in percent, plus ``per_class`` ``{name: {"IoU", "Acc"}}``.
+
+        Nothing accumulated (no image, or only ignored pixels) is an error, not NaN metrics.
+        """
         cm = self.confusion.cpu()
+        if not bool(cm.sum() > 0):
+            raise ValueError(f"segmentation metric over no labelled pixel: no image was evaluated, or every pixel was the "
+                             f"ignore index {self.ignore_index}")
         tp = cm.diag()
         label_area = cm.sum(1)
         pred_area = cm.sum(0)

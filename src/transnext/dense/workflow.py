@@ -75,7 +75,11 @@ def detection_markdown(full: dict[str, Any], title: str) -> str:
 def evaluate_detection(checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 2, device: str = "auto",
                        amp: str | None = None, strict: bool = False, num_workers: int = 2, output: str | Path | None = None,
                        progress: bool = True) -> dict[str, Any]:
-    """COCO AP of a detection checkpoint on ``<data_dir>`` split ``split`` (layout: :mod:`transnext.dense.config`)."""
+    """COCO AP of a detection checkpoint on ``<data_dir>`` split ``split`` (layout: :mod:`transnext.dense.config`).
+
+    An image that cannot be read is left out together with its ground truth and counted
+    (``skipped_images`` in the result and ``eval.json``, a line in ``eval.md``); ``strict`` stops at it.
+    """
     from torch.utils.data import DataLoader
 
     from ..data.coco import CocoDetection, collate_detection
