@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "checkpoint_filter_fn",
+    "checkpoint_metadata",
     "convert_checkpoint",
     "download_weights",
     "load_checkpoint",
@@ -107,15 +108,75 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
     )
 
 
-def _refusal(path: Path, err: Exception) -> CheckpointError:
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    what = f"the Python object {found.group(1)!r}" if found else "Python objects beyond tensors"
+# Modules whose globals a plain tensor checkpoint legitimately references (tensor rebuilding,
+# containers, the metadata allow-list); anything else found in a refused pickle is named as the culprit.
+_EXPECTED_GLOBAL_MODULES = ("torch", "collections", "numpy", "argparse", "_codecs")
+# Phrases of torch's own error text that must never reach the user: they advise unsafe loading.
+_UNSAFE_ADVICE = ("weights_only", "will likely succeed", "add_safe_globals", "safe_globals(", "trust")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle references, read from its opcodes without executing any.
+
+    Looks inside torch's zip layout (``*/data.pkl``) or at a bare pickle; stops quietly where the
+    stream is truncated or not a pickle (the caller then reports the file as corrupt).
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return []
+    found: list[str] = []
+    strings: list[str] = []  # recent string pushes, for STACK_GLOBAL (module, name)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                found.append(arg.replace(" ", ".", 1))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                strings.append(str(arg))
+    except Exception:  # noqa: BLE001 - truncated or not a pickle: what was read so far is all there is
+        pass
+    return found
+
+
+def _unexpected_global(path: Path, err: Exception) -> str | None:
+    """The offending global of a refused pickle: as torch reports it, else found by scanning the opcodes."""
+    reported = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if reported:
+        return reported.group(1)
+    for name in _pickle_globals(path):
+        if name.split(".", 1)[0] not in _EXPECTED_GLOBAL_MODULES:
+            return name
+    return None
+
+
+def _refusal(path: Path, name: str | None) -> CheckpointError:
+    what = f"the Python object {name!r}" if name else "Python objects beyond tensors"
     return CheckpointError(
-        f"{path}: refused to load: unpickling the file needs {what}, and loading arbitrary pickled "
-        "objects can execute code. Expected a state dict of tensors (bare or under 'model'/'state_dict'); "
-        "if you trust the file, re-save only its state dict, or convert it to .safetensors in a trusted "
-        "environment."
+        f"{path}: refused to load: unpickling the file needs {what}: the file contains code or objects that are not "
+        "allowed for safe loading (unpickling them can execute code). Expected a state dict of tensors (bare or under "
+        "'model'/'state_dict'): ask the file's provider for a plain state dict or a .safetensors file."
     )
+
+
+def _safe_detail(err: Exception) -> str:
+    """A short reason from a torch error, without torch's advice to load unsafely."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    lines = [found.group(1)] if found else text.splitlines()
+    for line in (ln.strip() for ln in lines):
+        if line and not any(p in line for p in _UNSAFE_ADVICE) and not line.startswith("Check the documentation"):
+            return f"{type(err).__name__}: {line}"
+    return type(err).__name__
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -156,20 +217,13 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", map_locat
             return torch.load(path, map_location=map_location, weights_only=True)
         with safe_globals([*_SAFE_GLOBALS, *_numpy_safe_globals()]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise _refusal(path, e) from e
-        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        detail = found.group(1).strip() if found else (str(e).splitlines() or [""])[0]
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): the weights-only unpickler "
-            f"rejected it ({detail})"
-        ) from e
-    except Exception as e:  # RuntimeError (zip), EOFError, KeyError (garbage), ...
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {detail}"
-        ) from e
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, KeyError (garbage), ...
+        if isinstance(e, pickle.UnpicklingError):
+            culprit = _unexpected_global(path, e)
+            if culprit is not None or "Unsupported global" in str(e):
+                raise _refusal(path, culprit) from None
+        # from None: torch's own text (chained otherwise) advises loading the file unsafely
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_safe_detail(e)}") from None
 
 
 def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -326,40 +380,131 @@ def save_state_dict(
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
+# What a converted file keeps besides the tensors: the model record and the labels, so that the
+# converted file rebuilds the same model (``model_from_checkpoint``) and names the same classes.
+METADATA_KEYS = ("arch", "classes", "data_cfg", "task")
+_META_PREFIX = "transnext."
+PTH_SUFFIXES = (".pth", ".pt", ".bin")
+CONVERT_SUFFIXES = (*PTH_SUFFIXES, *SAFETENSORS_SUFFIXES)
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The transnext records (``arch``, ``classes``, ...) a ``.safetensors`` file carries as JSON strings; {} if none."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # SafetensorError, OSError, ... depending on the damage
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    out: dict[str, Any] = {}
+    for name in METADATA_KEYS:  # in this order, whatever the file's
+        text = raw.get(_META_PREFIX + name)
+        if text is not None:
+            try:
+                out[name] = json.loads(text)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: metadata {_META_PREFIX + name!r} is not valid JSON ({e})") from None
+    return out
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The transnext records (``arch``, ``classes``, ``data_cfg``, ``task``) of a ``.pth`` or ``.safetensors`` file."""
+    path = Path(path)
+    if _is_safetensors(path):
+        return safetensors_metadata(path)
+    obj = safe_torch_load(path)
+    return {k: obj[k] for k in METADATA_KEYS if isinstance(obj, Mapping) and obj.get(k) is not None}
+
+
+def check_convert_target(dst: str | os.PathLike) -> None:
+    """Raise a ValueError unless ``dst`` names a format :func:`convert_checkpoint` writes (by suffix)."""
+    suffix = Path(dst).suffix.lower()
+    if suffix not in CONVERT_SUFFIXES:
+        hint = "; to export a model to ONNX use 'transnext export onnx'" if suffix == ".onnx" else ""
+        raise ValueError(f"cannot convert to {Path(dst).name!r}: the output suffix must be one of {', '.join(CONVERT_SUFFIXES)}{hint}")
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Convert between ``.pth`` and ``.safetensors`` (direction by suffix); tensors unchanged.
 
-    Wrapped training checkpoints are reduced to their state dict (``module.`` prefixes stripped).
+    Wrapped training checkpoints are reduced to their state dict (``module.`` prefixes stripped)
+    plus their model record, classes and data settings (:data:`METADATA_KEYS`): JSON strings in
+    the safetensors metadata, plain entries beside ``model`` in a ``.pth`` (a bare state dict when
+    there are none). Optimizer and scheduler states are dropped.
+
+    Raises:
+        ValueError: ``dst`` has another suffix than ``.pth``/``.pt``/``.bin``/``.safetensors``, or is ``src``.
     """
+    import json
+
     src, dst = Path(src), Path(dst)
+    check_convert_target(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"source and destination are the same file: {src}")
     state_dict = load_state_dict(src)
-    return save_state_dict(state_dict, dst, metadata={"format": "pt", "source": src.name})
+    meta = checkpoint_metadata(src)
+    if _is_safetensors(dst):
+        try:
+            extra = {_META_PREFIX + k: json.dumps(v) for k, v in meta.items()}
+        except TypeError as e:
+            raise CheckpointError(f"{src}: its metadata cannot be written as JSON into {dst.name} ({e})") from None
+        return save_state_dict(state_dict, dst, metadata={"format": "pt", "source": src.name, **extra})
+    if not meta:
+        return save_state_dict(state_dict, dst)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    return atomic_write(dst, lambda tmp: torch.save({"model": tensors, **meta}, tmp))
 
 
-def download_weights(weights: Weights, cache_dir: str | os.PathLike | None = None) -> str:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def download_weights(
+    weights: Weights, cache_dir: str | os.PathLike | None = None, local_option: str = "checkpoint_path="
+) -> str:
     """Fetch a published checkpoint through huggingface_hub; returns the local path.
 
-    Honours the hub's cache and environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``):
-    a file already in the cache is used without network access.
+    Honours the hub's cache and environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``,
+    ``HF_ENDPOINT``, proxies): a file already in the cache is used without network access. When
+    not offline, one quick metadata request without retries comes first: an unreachable hub then
+    fails in seconds (or falls back to the cached copy) instead of after the hub client's retries,
+    which are kept for the download itself. ``local_option`` is how the caller passes a local
+    file instead (``checkpoint_path=`` from Python, ``--checkpoint PATH`` from the command line);
+    the errors name it.
+
+    Raises:
+        ImportError: huggingface_hub is not installed.
+        CheckpointError: the hub cannot be reached (or refuses the file) and the cache has no copy.
     """
+    instead = f"Download {weights.url} and pass {local_option}"
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
+        from huggingface_hub import constants as hub_constants
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "pretrained=True needs huggingface_hub: pip install 'transnext-pytorch[hub]' "
-            f"(or download {weights.url} yourself and pass checkpoint_path=)"
-        ) from e
-    try:
-        return hf_hub_download(
-            repo_id=weights.hf_hub_id, filename=weights.filename,
-            cache_dir=str(cache_dir) if cache_dir is not None else None,
+        raise ImportError(f"published weights need huggingface_hub: pip install 'transnext-pytorch[hub]' (or: {instead})") from e
+    cache = str(cache_dir) if cache_dir is not None else None
+
+    def fail(reason: str, err: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"could not fetch {weights.filename} of {weights.name} from the Hugging Face hub ({weights.hf_hub_id}): "
+            f"{reason}: {_first_line(err)}. {instead}, or allow network access."
         )
+
+    if not hub_constants.HF_HUB_OFFLINE:
+        url = huggingface_hub.hf_hub_url(weights.hf_hub_id, weights.filename)
+        try:
+            huggingface_hub.get_hf_file_metadata(url, timeout=10)
+        except Exception as e:  # connection refused, DNS, timeout, proxy, HTTP error: one try is enough to know
+            cached = huggingface_hub.try_to_load_from_cache(weights.hf_hub_id, weights.filename, cache_dir=cache)
+            if isinstance(cached, str):
+                return cached
+            raise fail(f"the hub is not reachable at {hub_constants.ENDPOINT} and the file is not in the local cache", e) from None
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=weights.hf_hub_id, filename=weights.filename, cache_dir=cache)
     except Exception as e:
-        # Offline without a cached copy, no network, hub errors: say what to do instead.
-        raise CheckpointError(
-            f"could not fetch {weights.filename} of {weights.name} from the Hugging Face hub "
-            f"({weights.hf_hub_id}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            f"Download {weights.url} and pass checkpoint_path=, or allow network access."
-        ) from e
+        reason = "offline (HF_HUB_OFFLINE) and the file is not in the local cache" if hub_constants.HF_HUB_OFFLINE else "download failed"
+        raise fail(reason, e) from None

@@ -41,13 +41,18 @@ def load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
         model, info = model_from_checkpoint(
             args.checkpoint, model=args.model, num_classes=args.num_classes,
             pos_bias=args.pos_bias, fixed_pool_size=args.fixed_pool_size, attn_backend=args.attn_backend,
+            command=getattr(args, "command", None),
         )
     elif args.model:
         if not args.pretrained:
             raise ValueError("no weights given: pass --checkpoint PATH, or --pretrained to use the published weights of --model")
+        from ..checkpoints import download_weights
+
+        # Downloaded here rather than by pretrained=True so that a failure names this command's flag.
+        weights_path = download_weights(get_weights(args.model), local_option="--checkpoint PATH")
         model = create_model_with_arch(
             args.model, num_classes=args.num_classes or 1000, pos_bias=args.pos_bias or "extrapolate",
-            fixed_pool_size=args.fixed_pool_size, attn_backend=args.attn_backend, pretrained=True,
+            fixed_pool_size=args.fixed_pool_size, attn_backend=args.attn_backend, checkpoint_path=weights_path,
         )
         info = {}
     else:

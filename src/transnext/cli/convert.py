@@ -1,8 +1,11 @@
 """``transnext convert IN OUT``: between ``.pth`` and ``.safetensors`` (direction by suffix).
 
 Training checkpoints are reduced to their state dict (``{'model': ...}`` unwrapped, ``module.``
-prefixes stripped); files that would need arbitrary pickled objects are refused. ``--variant``
-also checks that the result loads strictly into that architecture.
+prefixes stripped) and their model record, classes and data settings (kept as safetensors
+metadata, or beside ``model`` in a ``.pth``), so that ``transnext predict`` / ``eval`` take the
+converted file as they take the original. Other output suffixes are refused (ONNX:
+``transnext export onnx``); files that would need arbitrary pickled objects are refused.
+``--variant`` also checks that the result loads strictly into that architecture.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="IN", help="input checkpoint (.pth/.pt/.bin or .safetensors)")
-    parser.add_argument("dst", metavar="OUT", help="output file (.safetensors, or .pth for a bare state dict)")
+    parser.add_argument("dst", metavar="OUT", help="output file (.safetensors, or .pth/.pt/.bin)")
     parser.add_argument("--variant", metavar="NAME",
                         help="check that the weights load strictly into this variant (e.g. transnext_tiny)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -22,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from ..checkpoints import convert_checkpoint, load_checkpoint, load_state_dict
+    from ..checkpoints import check_convert_target, checkpoint_metadata, convert_checkpoint, load_checkpoint, load_state_dict
 
     dst = Path(args.dst)
+    check_convert_target(dst)
     if dst.exists() and not args.force:
         print(f"transnext convert: error: {dst} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
@@ -37,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     tensors = load_state_dict(out)
     n_params = sum(t.numel() for t in tensors.values())
     checked = f", loads into {args.variant}" if args.variant else ""
-    print(f"wrote {out} ({len(tensors)} tensors, {n_params / 1e6:.2f}M values{checked})")
+    kept = checkpoint_metadata(out)
+    kept_text = f"; kept its {', '.join(kept)}" if kept else ""
+    print(f"wrote {out} ({len(tensors)} tensors, {n_params / 1e6:.2f}M values{checked}{kept_text})")
     return 0
 
 

@@ -342,7 +342,8 @@ def run_benchmark(
 
     def one(folder: Path, desc: str) -> dict[str, Any]:
         cmap, subset = _class_map(folder, benchmark, num_classes, classes)
-        samples, _ = scan_image_folder(folder, class_to_idx=cmap, strict=strict, what=benchmark)
+        samples, _ = scan_image_folder(folder, class_to_idx=cmap, strict=strict,
+                                       what="image" if benchmark == "folder" else benchmark)
         loader = _loader(samples, transform, batch_size, num_workers, strict, info)
         r = evaluate(model, loader, device, amp, subset, info, progress, desc, channels_last)
         if r["skipped"]:

@@ -46,23 +46,74 @@ def create_model_with_arch(
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata a transnext checkpoint carries (arch, classes, data config); {} for plain weights."""
-    from ..checkpoints import load_state_dict
+    from ..checkpoints import load_state_dict, safetensors_metadata
 
     path = str(path)
-    if path.endswith(".safetensors"):
-        head = load_state_dict(path).get("head.weight")
-        return {"head_classes": int(head.shape[0])} if head is not None else {}
+    if path.lower().endswith(".safetensors"):
+        sd = load_state_dict(path)
+        info = safetensors_metadata(path)  # written by transnext convert: arch, classes, data_cfg, task
+        head = sd.get("head.weight")
+        if head is not None:
+            info["head_classes"] = int(head.shape[0])
+        _note_dense_task(info, sd)
+        return info
     from ..checkpoints import safe_torch_load
 
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    info = {k: obj[k] for k in ("arch", "classes", "data_cfg", "metrics", "epoch") if k in obj}
+    info = {k: obj[k] for k in ("arch", "classes", "data_cfg", "metrics", "epoch", "task") if k in obj}
     sd = obj.get("model") if isinstance(obj.get("model"), dict) else obj
     head = sd.get("head.weight") if isinstance(sd, dict) else None
     if isinstance(head, torch.Tensor):
         info["head_classes"] = int(head.shape[0])
+    _note_dense_task(info, sd if isinstance(sd, dict) else {})
     return info
+
+
+# Key prefixes only the dense models have: torchvision detectors (RPN / ROI heads, RetinaNet / FCOS
+# heads on an FPN body) and UPerNet's decode head.
+_DETECT_PREFIXES = ("rpn.", "roi_heads.", "backbone.fpn.", "backbone.body.", "head.classification_head.", "head.regression_head.")
+_SEGMENT_PREFIXES = ("decode_head.", "auxiliary_head.", "aux_head.")
+_DENSE_TASKS = {"detect": "detect", "detection": "detect", "segment": "segment", "segmentation": "segment"}
+
+
+def _note_dense_task(info: dict[str, Any], state_dict: dict[str, Any]) -> None:
+    """Set ``info["dense_task"]`` ("detect" / "segment") for a detection or segmentation checkpoint.
+
+    From its recorded task when it has one, else from key names (a converted or foreign file).
+    """
+    arch = info.get("arch") if isinstance(info.get("arch"), dict) else {}
+    task = _DENSE_TASKS.get(str(arch.get("task"))) or _DENSE_TASKS.get(str(info.get("task")))
+    if task is None:
+        keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict if isinstance(k, str)]
+        if any(k.startswith(_SEGMENT_PREFIXES) for k in keys):
+            task = "segment"
+        elif any(k.startswith(_DETECT_PREFIXES) for k in keys):
+            task = "detect"
+    if task is not None:
+        info["dense_task"] = task
+
+
+def refuse_dense_checkpoint(path: str | os.PathLike, info: dict[str, Any], command: str | None = None) -> None:
+    """Raise a ValueError naming the right command when ``info`` describes a detection / segmentation checkpoint.
+
+    ``command`` is the classification command that was given the file ("eval", "predict"), if any.
+    """
+    task = info.get("dense_task")
+    if task is None:
+        return
+    arch = info.get("arch") if isinstance(info.get("arch"), dict) else {}
+    kind = "detection" if task == "detect" else "segmentation"
+    model = arch.get("detector") or ("upernet" if task == "segment" and arch else None)
+    about = f" ({model} on {arch['variant']})" if model and arch.get("variant") else ""
+    if command in ("eval", "predict"):
+        took = f"'transnext {command}' takes image classification checkpoints"
+        use = f"'transnext {task} {command} --checkpoint {path}' (see 'transnext {task} {command} --help')"
+    else:
+        took = "an image classifier cannot be built from it"
+        use = f"'transnext {task} eval' / 'transnext {task} predict' with --checkpoint {path}"
+    raise ValueError(f"{path} is a {kind} checkpoint{about}, not an image classification one: {took}; use {use}")
 
 
 def model_from_checkpoint(
@@ -73,9 +124,15 @@ def model_from_checkpoint(
     pos_bias: str | None = None,
     fixed_pool_size: int | None = None,
     attn_backend: str | None = None,
+    command: str | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained as (or ``model``) and load its weights."""
+    """Rebuild the model a checkpoint was trained as (or ``model``) and load its weights.
+
+    ``command`` ("eval", "predict") names the caller in the error a detection / segmentation
+    checkpoint gets (it says which command takes it).
+    """
     info = checkpoint_info(path)
+    refuse_dense_checkpoint(path, info, command)
     arch = info.get("arch") or {}
     name = model or arch.get("model")
     if name is None:
