@@ -41,3 +41,23 @@ def test_demo_full_preset(tmp_path):
     s = _check_outputs(out, min_top1=91.0)  # above the pixel 1-NN baseline (90.2%)
     assert s["test_top1"] > s["pixel_1nn_top1"]
     assert s["predicted_correctly"] >= 7
+
+
+def test_demo_training_repeats_exactly(tmp_path):
+    """Two runs of the demo recipe on one machine end with the same weights and the same figures."""
+    import torch
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        run_cli("train", "--preset", "demo", "--max-steps", "6", "--eval-every", "1", "--output", str(out), "--no-progress", check=True)
+        sd = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append((sd, [{k: v for k, v in m.items() if "time" not in k and not k.endswith("_s")} for m in metrics]))
+    (sd_a, m_a), (sd_b, m_b) = runs
+    assert m_a == m_b and any("val" in k for m in m_a for k in m)
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        if isinstance(sd_a[k], torch.Tensor):
+            assert torch.equal(sd_a[k], sd_b[k]), k
