@@ -166,12 +166,18 @@ def test_onnx_dynamo_export_dynamic_batch_any_size(tmp_path: Path) -> None:
     from transnext.integrations.onnx import export_onnx, run_onnx
 
     model = small_model(pos_bias="interpolate")
-    result = export_onnx(model, tmp_path / "m.onnx", (64, 80), batch_size=2, dynamic_batch=True, exporter="dynamo")
+    # batch_size=1: a size-1 example used to be baked in as a constant (a batch of 2 then failed)
+    result = export_onnx(model, tmp_path / "m.onnx", (64, 80), batch_size=1, dynamic_batch=True, exporter="dynamo")
     assert result.exporter == "dynamo" and result.max_abs_diff <= 1e-5
-    x = _input(3, 3, 64, 80)
-    with torch.no_grad():
-        ref = model(x)
-    assert (run_onnx(result.path, x) - ref).abs().max().item() <= 1e-5
+    import onnx
+
+    assert onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for batch in (1, 2, 3):
+        x = _input(batch, 3, 64, 80)
+        with torch.no_grad():
+            ref = model(x)
+        assert (run_onnx(result.path, x) - ref).abs().max().item() <= 1e-5, batch
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left
 
 
 @needs_onnx
@@ -188,3 +194,51 @@ def test_onnx_export_errors(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="export a float32 model"):
         export_onnx(small_model().double(), tmp_path / "d.onnx", (64, 64), exporter="torchscript")
     assert not any(tmp_path.iterdir())
+
+
+def _tiny_checkpoint(path: Path) -> tuple[Path, TransNeXt]:
+    """A transnext checkpoint (model record included) of the small model above."""
+    from transnext.engine.modeling import create_model_with_arch
+
+    model = create_model_with_arch("transnext_micro", num_classes=10, img_size=64, model_kwargs=SMALL)
+    fill_deterministic(model)
+    torch.save({"model": model.state_dict(), "arch": model.arch, "classes": [str(i) for i in range(10)],
+                "data_cfg": {"img_size": 64, "crop_pct": None, "interpolation": "bicubic"}}, path)
+    return path, model.eval()
+
+
+def test_export_cli_parses() -> None:
+    from transnext.cli.main import build_parser
+
+    args = build_parser().parse_args(["export", "onnx", "out.onnx", "--model", "transnext_tiny", "--pretrained",
+                                      "--img-size", "256", "320", "--dynamic-batch", "--exporter", "dynamo", "--opset", "18"])
+    assert (args.command, args.format, args.output, args.model, args.pretrained) == ("export", "onnx", "out.onnx", "transnext_tiny", True)
+    assert args.img_size == [256, 320] and args.dynamic_batch and args.exporter == "dynamo" and args.opset == 18
+    args = build_parser().parse_args(["export", "onnx", "m.onnx", "--checkpoint", "best.pth"])
+    assert args.checkpoint == "best.pth" and args.img_size is None and not args.dynamic_batch and args.batch_size == 1
+
+
+@needs_onnx
+def test_export_cli_writes_checked_file(tmp_path: Path) -> None:
+    from train_helpers import run_cli
+    from transnext.integrations.onnx import run_onnx
+
+    ckpt, model = _tiny_checkpoint(tmp_path / "best.pth")
+    out = tmp_path / "model.onnx"
+    r = run_cli("export", "onnx", str(out), "--checkpoint", str(ckpt), "--exporter", "torchscript", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert "torchscript exporter; input 'pixel_values' 3x64x64, batch 2; onnxruntime matches PyTorch" in r.stdout, r.stdout
+    x = _input(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    assert (run_onnx(out, x) - ref).abs().max().item() <= 1e-5
+    # refusals: existing file, wrong suffix, no weights, torchscript with a dynamic batch
+    r = run_cli("export", "onnx", str(out), "--checkpoint", str(ckpt))
+    assert r.returncode == 1 and "exists; pass --force" in r.stderr
+    r = run_cli("export", "onnx", str(tmp_path / "m.pth"), "--checkpoint", str(ckpt))
+    assert r.returncode == 1 and "must end in .onnx" in r.stderr and "transnext convert" in r.stderr
+    r = run_cli("export", "onnx", str(tmp_path / "a.onnx"), "--model", "transnext_micro")
+    assert r.returncode == 1 and "no weights given: pass --checkpoint PATH, or --pretrained" in r.stderr
+    r = run_cli("export", "onnx", str(tmp_path / "b.onnx"), "--checkpoint", str(ckpt), "--exporter", "torchscript", "--dynamic-batch")
+    assert r.returncode == 1 and "--dynamic-batch needs the dynamo exporter (--exporter dynamo" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "model.onnx"]

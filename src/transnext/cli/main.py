@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "list variants with parameters, GFLOPs and published accuracy"),
     "convert": ("convert", "convert a checkpoint between .pth and .safetensors"),
+    "export": ("export", "export a model to ONNX (one input size, checked in onnxruntime)"),
     "train": ("train", "train or fine-tune a model (published recipe presets)"),
     "eval": ("evaluate", "evaluate a model on an image folder or robustness benchmark"),
     "predict": ("predict", "top-k predictions for images or folders"),

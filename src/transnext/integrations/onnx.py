@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import atomic_write
+
 __all__ = ["ExportResult", "export_onnx", "run_onnx"]
 
 INPUT_NAME = "pixel_values"
@@ -85,7 +87,10 @@ def export_onnx(
 
     Args:
         input_size: spatial size baked into the file (default: the model's ``img_size``).
-        dynamic_batch: keep the batch dimension symbolic.
+        batch_size: batch of the example input (and of the file when ``dynamic_batch`` is off).
+        dynamic_batch: keep the batch dimension symbolic: the file takes any batch size. The
+            example batch is then at least 2 (a size-1 example would be baked in as a constant),
+            and ``check`` runs the file at two batch sizes.
         exporter: ``"auto"``, ``"dynamo"`` or ``"torchscript"``.
         check: run the file in onnxruntime and compare with PyTorch; raises if the largest
             absolute difference exceeds ``atol`` times the output scale.
@@ -111,8 +116,16 @@ def export_onnx(
     was_training = model.training
     model.eval()
     in_chans = getattr(model, "in_chans", 3)
-    x = torch.randn(batch_size, in_chans, H, W, generator=torch.Generator().manual_seed(0)).to(param.device)
-    try:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # torch.export specialises a dimension of size 1 to the constant 1, so a dynamic batch needs an
+    # example of at least 2 (the file then accepts any batch, 1 included; checked below).
+    trace_batch = max(batch_size, 2) if dynamic_batch else batch_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(trace_batch, in_chans, H, W, generator=gen).to(param.device)
+    diffs: list[float] = []
+
+    def write(tmp: str) -> None:
         with torch.no_grad():
             expected = model(x)  # also builds the size tables, so the export sees them as constants
         with warnings.catch_warnings():
@@ -121,7 +134,7 @@ def export_onnx(
             warnings.filterwarnings("ignore", message=".*Constant folding.*")
             if exporter == "torchscript":
                 torch.onnx.export(
-                    model, (x,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    model, (x,), tmp, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     opset_version=opset or 17,
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
                 )
@@ -131,14 +144,42 @@ def export_onnx(
                     model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
                 )
-                program.save(str(path), external_data=False)
+                program.save(tmp, external_data=False)
+        if dynamic_batch:
+            _check_dynamic_batch(Path(tmp))
+        if check:
+            diffs.append(_compare(Path(tmp), x, expected, atol))
+            if dynamic_batch:  # another batch size the file must take
+                other = x[:1]
+                with torch.no_grad():
+                    diffs.append(_compare(Path(tmp), other, model(other), atol))
+
+    try:
+        atomic_write(path, write)  # a failed export or check leaves no file (and an earlier one intact)
     finally:
         model.train(was_training)
-    diff = None
-    if check:
-        got = run_onnx(path, x)
-        diff = (got - expected.detach().cpu().float()).abs().max().item()
-        scale = max(expected.abs().max().item(), 1.0)
-        if not diff <= atol * scale:
-            raise RuntimeError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3e} (tolerance {atol * scale:.1e})")
-    return ExportResult(path, exporter, (batch_size, in_chans, H, W), diff)
+    return ExportResult(path, exporter, (trace_batch, in_chans, H, W), max(diffs) if diffs else None)
+
+
+def _compare(path: Path, x: torch.Tensor, expected: torch.Tensor, atol: float) -> float:
+    """Largest absolute difference between onnxruntime and PyTorch on ``x``; raises beyond the tolerance."""
+    got = run_onnx(path, x)
+    diff = (got - expected.detach().cpu().float()).abs().max().item()
+    scale = max(expected.abs().max().item(), 1.0)
+    if not diff <= atol * scale:
+        raise RuntimeError(f"the ONNX export: onnxruntime output at batch {x.shape[0]} differs from PyTorch by {diff:.3e} "
+                           f"(tolerance {atol * scale:.1e})")
+    return diff
+
+
+def _check_dynamic_batch(path: Path) -> None:
+    """Raise if the exported graph's input batch dimension came out as a constant."""
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - the checks by onnxruntime below still run the file at two batch sizes
+        return
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dim = graph.input[0].type.tensor_type.shape.dim[0]
+    if not dim.dim_param:
+        raise RuntimeError(f"the ONNX export: the exporter fixed the batch dimension to {dim.dim_value} although dynamic_batch was "
+                           "asked for; export without dynamic_batch, one file per batch size")
