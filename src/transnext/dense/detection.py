@@ -6,7 +6,10 @@ FPN with 256 channels over the four stage maps plus a max-pooled fifth level, an
 fit 1333x800 keeping the ratio and padded to a multiple of 32, ImageNet mean/std. torchvision's
 heads differ from mmdet's in details (smooth-L1 instead of L1 for the box regression of the
 second stage, RoIAlign ``sampling_ratio`` 2 and ``aligned=False``), so the numbers of a run are
-not bit-comparable with the mmdet reference.
+not bit-comparable with the mmdet reference. ``maskrcnn_transnext(reference=True)`` swaps in
+components that compute what mmdet computes at test time (anchors, RoIAlign, post-processing,
+mask pasting; :mod:`transnext.dense.reference_mmdet`), for the published mmdet checkpoints
+(:func:`~transnext.dense.reference_mmdet.load_mmdet_checkpoint`).
 
 The single-stage detectors read stages 2-4 (strides 8-32) and add P6/P7 from C5, like mmdet's
 RetinaNet/FCOS configs (``start_level=1``, ``add_extra_convs="on_input"``).
@@ -22,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .backbone import TransNeXtBackbone, TransNeXtFPN, create_backbone
@@ -35,6 +39,30 @@ def _torchvision_detection() -> Any:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("detectors need torchvision: pip install 'transnext-pytorch[dense]'") from e
     return det
+
+
+def _to_float32(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return type(out)((k, _to_float32(v)) for k, v in out.items())
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float32(v) for v in out)
+    return out
+
+
+def _float32_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    return _to_float32(out)
+
+
+def _boxes_in_float32(model: nn.Module, *heads: nn.Module) -> nn.Module:
+    """Under autocast (bf16/fp16), anchors, proposals and boxes stay float32: torchvision makes the anchors in
+    the dtype of the feature maps and decodes boxes in the dtype of the head outputs, and bf16 has steps of
+    4 px above 512 px. The FPN maps and the box heads' outputs are cast back to float32 (the layers still run
+    in reduced precision); no parameter or state-dict key changes."""
+    for m in (model.backbone, *heads):
+        m.register_forward_hook(_float32_hook)
+    return model
 
 
 def build_trunk(
@@ -83,6 +111,7 @@ def maskrcnn_transnext(
     backbone_kwargs: dict[str, Any] | None = None,
     representation_size: int | None = None,
     mask_layers: tuple[int, ...] | None = None,
+    reference: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """torchvision ``MaskRCNN`` on TransNeXt + FPN (``num_classes`` includes the background).
@@ -96,6 +125,9 @@ def maskrcnn_transnext(
         backbone_kwargs: model arguments for the trunk (``drop_path_rate``, ``img_size``, dims ...).
         representation_size: width of the box head's two-layer MLP (torchvision / reference: 1024).
         mask_layers: channels of the mask head's 3x3 convs (reference: four of 256).
+        reference: mmdet's test-time computation (for converted mmdet checkpoints; see
+            :mod:`transnext.dense.reference_mmdet`): its anchors, RoIAlign (aligned, adaptive
+            sampling, finest_scale 56), box post-processing and mask pasting.
         **kwargs: torchvision ``MaskRCNN`` arguments; default ``min_size=800, max_size=1333``.
     """
     det = _torchvision_detection()
@@ -121,7 +153,15 @@ def maskrcnn_transnext(
         num_classes_arg = None
     else:
         num_classes_arg = num_classes
-    return det.MaskRCNN(TransNeXtFPN(trunk, fpn_channels), num_classes=num_classes_arg, **kwargs)
+    model = det.MaskRCNN(TransNeXtFPN(trunk, fpn_channels), num_classes=num_classes_arg, **kwargs)
+    if reference:
+        if any(k in kwargs for k in ("anchor_generator", "box_roi_pool", "mask_roi_pool")):
+            raise ValueError("reference=True uses mmdet's anchor generator and RoI poolers; "
+                             "do not pass anchor_generator, box_roi_pool or mask_roi_pool with it")
+        from .reference_mmdet import apply_reference_mode
+
+        apply_reference_mode(model)  # keeps the head modules (and their hooks), replaces the poolers and post-processing
+    return _boxes_in_float32(model, model.rpn.head, model.roi_heads.box_predictor)
 
 
 def _single_stage_trunk(variant: str, backbone_weights: Any, preset: str | None, fpn_channels: int, frozen_stages: int,
@@ -155,7 +195,8 @@ def retinanet_transnext(
     kwargs.setdefault("min_size", 800)
     kwargs.setdefault("max_size", 1333)
     fpn = _single_stage_trunk(variant, backbone_weights, preset, fpn_channels, frozen_stages, grad_checkpointing, backbone_kwargs)
-    return det.RetinaNet(fpn, num_classes=num_classes, **kwargs)
+    model = det.RetinaNet(fpn, num_classes=num_classes, **kwargs)
+    return _boxes_in_float32(model, model.head)
 
 
 def fcos_transnext(
@@ -179,4 +220,5 @@ def fcos_transnext(
 
         # One anchor point per location and level (FCOS is anchor-free; the generator gives centres).
         kwargs["anchor_generator"] = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
-    return det.FCOS(fpn, num_classes=num_classes, **kwargs)
+    model = det.FCOS(fpn, num_classes=num_classes, **kwargs)
+    return _boxes_in_float32(model, model.head)
