@@ -188,6 +188,36 @@ def test_mask_rcnn_bf16_training_step_and_evaluation(demo_root: Path, tmp_path: 
     assert summary["global_step"] == 2 and math.isfinite(summary["best_metrics"]["bbox_AP"])
 
 
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_bf16_keeps_anchors_and_boxes_in_float32(detector: str) -> None:
+    from transnext.dense import maskrcnn_transnext, retinanet_transnext
+
+    trunk = dict(DENSE_DET_OPTS["model_kwargs"], img_size=64, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    if detector == "mask_rcnn":
+        model = maskrcnn_transnext("transnext_micro", num_classes=3, backbone_kwargs=trunk, fpn_channels=16, representation_size=32,
+                                   mask_layers=(8,), min_size=640, max_size=640, box_score_thresh=0.0, rpn_pre_nms_top_n_test=200,
+                                   rpn_post_nms_top_n_test=100)
+    else:
+        model = retinanet_transnext("transnext_micro", num_classes=3, backbone_kwargs=trunk, fpn_channels=32, min_size=640, max_size=640,
+                                    score_thresh=0.0)
+    image = [torch.rand(3, 640, 640)]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.eval()(image)[0]
+            maps = model.backbone(torch.rand(1, 3, 64, 64))
+    boxes = out["boxes"]
+    assert boxes.dtype == torch.float32 and all(m.dtype == torch.float32 for m in maps.values())
+    # bf16 boxes would all lie on a 4 px grid beyond 512 px
+    far = boxes[boxes > 520]
+    assert far.numel() > 10 and float(((far / 4).frac() == 0).float().mean()) < 0.5
+    params = dict(model.named_parameters())
+    assert dict(model.state_dict()).keys() >= params.keys()  # no wrapper module: the checkpoint keys are unchanged
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(image, [dict(boxes=torch.tensor([[600.0, 610, 630, 635]]), labels=torch.tensor([1]),
+                                   masks=torch.ones(1, 640, 640, dtype=torch.uint8))])
+
+
 # ---------------------------------------------------------------------- 7. images without objects
 def _empty_detection_batch(n: int = 2, size: int = 64) -> tuple:
     targets = [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), masks=torch.zeros(0, size, size, dtype=torch.uint8),

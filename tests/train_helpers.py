@@ -179,7 +179,8 @@ def one_thread():
 # A TransNeXt trunk and heads small enough for CPU tests of detection / segmentation on 64 px demo scenes.
 DENSE_TRUNK = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
 _DENSE_COMMON = dict(dataset="folder", train_split="train", val_split="val", test_split="test", model_kwargs=DENSE_TRUNK,
-                     img_size=64, pretrain_size=64, batch_size=4, epochs=2, lr=1e-3, threads=1, progress=False, log_every=1)
+                     img_size=64, pretrain_size=64, batch_size=4, epochs=2, lr=1e-3, threads=1, progress=False, log_every=1,
+                     backbone_weights=None)  # random trunk (the demo recipes start from trained weights)
 # overrides of the detect_demo recipe
 DENSE_DET_OPTS = dict(_DENSE_COMMON, drop_path=0.0, min_size=[64], max_size=64, fpn_channels=16, representation_size=32,
                       mask_layers=[8], detections_per_img=10,
