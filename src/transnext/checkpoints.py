@@ -502,7 +502,9 @@ def download_weights(
             cached = huggingface_hub.try_to_load_from_cache(weights.hf_hub_id, weights.filename, cache_dir=cache)
             if isinstance(cached, str):
                 return cached
-            raise fail(f"the hub is not reachable at {hub_constants.ENDPOINT} and the file is not in the local cache", e) from None
+            answered = getattr(e, "response", None) is not None  # an HTTP error (404, 401, ...), not a network failure
+            where = "the hub refused the request" if answered else f"the hub is not reachable at {hub_constants.ENDPOINT}"
+            raise fail(f"{where} and the file is not in the local cache", e) from None
     try:
         return huggingface_hub.hf_hub_download(repo_id=weights.hf_hub_id, filename=weights.filename, cache_dir=cache)
     except Exception as e:
