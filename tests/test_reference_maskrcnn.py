@@ -280,3 +280,38 @@ def test_mask_pasting_follows_mmdet_formula() -> None:
     assert torch.equal(pasted >= 0.5, inside)
     assert float(pasted[~inside].max()) < 0.5 and float(pasted[inside].min()) >= 0.5
     assert not pasted[:, :9].any() and not pasted[:, 32:].any()  # nothing beyond the box +- 1 px
+
+
+# ------------------------------------------------------------------------------------------ the reference-checkpoint table
+def _reference_checkpoints():
+    try:
+        from transnext.dense import reference_checkpoints
+    except ImportError:  # the shared loader of reference checkpoints is not part of this tree
+        pytest.skip("transnext.dense.reference_checkpoints is not available")
+    return reference_checkpoints
+
+
+def test_load_reference_checkpoint_dispatches_mmdet_maskrcnn(tmp_path: Path, ref) -> None:
+    rc = _reference_checkpoints()
+    path = tmp_path / "mask_rcnn.pth"
+    torch.save({"meta": {"CLASSES": ("person", "bicycle")}, "state_dict": load_file(str(CKPT))}, path)
+    m = _build()
+    report = rc.load_reference_checkpoint(m, path)
+    assert report["kind"] == "mmdet_maskrcnn" and report["classes"] == ["person", "bicycle"]
+    assert not report["missing_keys"] and not report["unexpected_keys"] and not report["mismatched_keys"]
+    out = _run(m, ref, 0)
+    assert _err(out["final"]["boxes"], ref["input0.boxes"]) < 1e-3
+
+
+def test_load_reference_checkpoint_names_mmdet_keys_in_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    rc = _reference_checkpoints()
+    sd = load_file(str(CKPT))
+    sd["rpn_head.rpn_conv.weight"] = torch.zeros(8, 32, 3, 3, dtype=torch.float16)
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"rpn\.head\.conv\.0\.0\.weight = rpn_head\.rpn_conv\.weight"):
+        rc.load_reference_checkpoint(_build(), path)
+    with pytest.raises(CheckpointError, match="an mmdet Mask R-CNN checkpoint; it loads into a Mask R-CNN"):
+        rc.load_reference_checkpoint(torch.nn.Linear(2, 2), CKPT)

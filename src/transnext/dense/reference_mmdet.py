@@ -70,7 +70,10 @@ __all__ = [
     "MMDetTransform",
     "apply_reference_mode",
     "convert_mmdet_maskrcnn",
+    "is_maskrcnn",
+    "is_mmdet_maskrcnn",
     "load_mmdet_checkpoint",
+    "mmdet_reference_name",
     "paste_masks_mmdet",
 ]
 
@@ -103,6 +106,47 @@ def _rename(key: str) -> str:
         if key.startswith(prefix):
             return new + key[len(prefix):]
     return key
+
+
+# our prefix -> mmdet's, for naming keys in errors (the inverse of the renaming above).
+_REFERENCE_NAMES = [
+    ("backbone.body.model.", "backbone."),
+    ("backbone.fpn.inner_blocks.{i}.0.", "neck.lateral_convs.{i}.conv."),
+    ("backbone.fpn.layer_blocks.{i}.0.", "neck.fpn_convs.{i}.conv."),
+    ("roi_heads.mask_head.{i}.0.", "roi_head.mask_head.convs.{i}.conv."),
+    ("roi_heads.box_predictor.cls_score.", "roi_head.bbox_head.fc_cls."),
+    ("roi_heads.box_predictor.bbox_pred.", "roi_head.bbox_head.fc_reg."),
+    ("roi_heads.mask_predictor.mask_fcn_logits.", "roi_head.mask_head.conv_logits."),
+    *((ours, theirs) for theirs, ours in _RENAMES.items()),
+]
+
+
+def mmdet_reference_name(key: str) -> str:
+    """The mmdet name of one of our Mask R-CNN keys (for messages); other keys come back unchanged."""
+    for ours, theirs in _REFERENCE_NAMES:
+        head, _, tail = ours.partition("{i}")
+        if not key.startswith(head):
+            continue
+        if not tail:
+            return theirs + key[len(head):]
+        index, _, rest = key[len(head):].partition(".")
+        if index.isdigit() and ("." + rest).startswith(tail):
+            return theirs.replace("{i}", index) + ("." + rest)[len(tail):]
+    return key
+
+
+def is_mmdet_maskrcnn(state_dict: Mapping[str, Any]) -> bool:
+    """An mmdet ``MaskRCNN`` state dict: backbone, RPN head, box head and mask head keys."""
+    keys = list(state_dict)
+    return (any(k.startswith("backbone.") for k in keys) and any(k.startswith("rpn_head.") for k in keys)
+            and any(k.startswith("roi_head.bbox_head.") for k in keys) and any(k.startswith("roi_head.mask_head.") for k in keys))
+
+
+def is_maskrcnn(model: nn.Module) -> bool:
+    """A torchvision ``MaskRCNN`` (what :func:`~transnext.dense.maskrcnn_transnext` builds)."""
+    from torchvision.models.detection import MaskRCNN
+
+    return isinstance(model, MaskRCNN)
 
 
 def _unwrap_mmdet(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
