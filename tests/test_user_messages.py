@@ -249,13 +249,18 @@ def _dense_checkpoints(d: Path) -> dict[str, Path]:
                 "task": "detection", "classes": ["__background__", "a", "b"]}, recorded)
     bare = save_state_dict({"backbone.model.patch_embed1.proj.weight": torch.zeros(4, 3, 7, 7),
                             "decode_head.conv_seg.weight": torch.zeros(5, 4, 1, 1)}, d / "seg.safetensors")
-    return {"detect": recorded, "segment": bare}
+    mmdet = d / "mmdet_style.pth"  # reference layout: no record, keys under 'state_dict'
+    torch.save({"state_dict": {"backbone.patch_embed1.proj.weight": torch.zeros(4, 3, 7, 7),
+                               "neck.lateral_convs.0.conv.weight": torch.zeros(4, 4, 1, 1),
+                               "rpn_head.rpn_conv.weight": torch.zeros(4, 4, 3, 3)}}, mmdet)
+    return {"detect": recorded, "segment": bare, "mmdet": mmdet}
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
-@pytest.mark.parametrize("task", ["detect", "segment"])
+@pytest.mark.parametrize("task", ["detect", "segment", "mmdet"])
 def test_dense_checkpoint_names_its_command(tmp_path: Path, images: Path, command: str, task: str) -> None:
     path = _dense_checkpoints(tmp_path)[task]
+    task = "detect" if task == "mmdet" else task
     kind = "detection" if task == "detect" else "segmentation"
     extra = ["--no-progress", "--num-workers", "0"] if command == "eval" else []
     for model_flag in ([], ["--model", "transnext_micro"]):
@@ -263,7 +268,7 @@ def test_dense_checkpoint_names_its_command(tmp_path: Path, images: Path, comman
         assert r.returncode == 1, r.stderr
         assert f"is a {kind} checkpoint" in r.stderr and f"'transnext {task} {command} --checkpoint {path}'" in r.stderr, r.stderr
         assert "pass --model" not in r.stderr and "missing keys" not in r.stderr, r.stderr
-    if task == "detect":
+    if path.name == "det_best.pth":
         assert "(mask_rcnn on transnext_micro)" in r.stderr
 
 

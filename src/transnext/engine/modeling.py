@@ -67,13 +67,15 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     head = sd.get("head.weight") if isinstance(sd, dict) else None
     if isinstance(head, torch.Tensor):
         info["head_classes"] = int(head.shape[0])
-    _note_dense_task(info, sd if isinstance(sd, dict) else {})
+    keys_of = next((v for v in (obj.get("model"), obj.get("state_dict")) if isinstance(v, dict)), obj)
+    _note_dense_task(info, keys_of)
     return info
 
 
 # Key prefixes only the dense models have: torchvision detectors (RPN / ROI heads, RetinaNet / FCOS
-# heads on an FPN body) and UPerNet's decode head.
-_DETECT_PREFIXES = ("rpn.", "roi_heads.", "backbone.fpn.", "backbone.body.", "head.classification_head.", "head.regression_head.")
+# heads on an FPN body), the reference mmdet ones, and UPerNet's decode head (ours and mmseg's).
+_DETECT_PREFIXES = ("rpn.", "roi_heads.", "backbone.fpn.", "backbone.body.", "head.classification_head.", "head.regression_head.",
+                    "rpn_head.", "roi_head.", "bbox_head.")
 _SEGMENT_PREFIXES = ("decode_head.", "auxiliary_head.", "aux_head.")
 _DENSE_TASKS = {"detect": "detect", "detection": "detect", "segment": "segment", "segmentation": "segment"}
 
