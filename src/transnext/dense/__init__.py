@@ -7,6 +7,7 @@
 * :func:`maskrcnn_transnext`, :func:`retinanet_transnext`, :func:`fcos_transnext`: torchvision
   detectors on a TransNeXt + FPN trunk;
 * :func:`upernet_transnext`: UPerNet (PPM + FPN fusion, auxiliary FCN head) as in the reference;
+  :func:`load_reference_checkpoint` loads the reference's published mmseg UPerNet checkpoints into it;
 * segmentation_models_pytorch: ``smp.UPerNet("tu-transnext_tiny", ...)`` works through the timm
   registration; :func:`transnext.integrations.smp.register_encoders` adds native encoder names.
 
@@ -17,6 +18,7 @@ the submodules; torchvision is imported only when a detector is built.
 
 from .backbone import DENSE_PRESETS, DensePreset, TransNeXtBackbone, TransNeXtFPN, create_backbone, create_fpn_backbone
 from .detection import build_trunk, fcos_transnext, maskrcnn_transnext, retinanet_transnext
+from .reference_checkpoints import load_reference_checkpoint
 from .upernet import FCNHead, UPerHead, UPerNet, segmentation_loss, upernet_transnext
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "create_backbone",
     "create_fpn_backbone",
     "fcos_transnext",
+    "load_reference_checkpoint",
     "maskrcnn_transnext",
     "retinanet_transnext",
     "segmentation_loss",
