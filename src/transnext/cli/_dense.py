@@ -25,6 +25,45 @@ def add_common_flags(p: argparse.ArgumentParser, amp: bool = True, strict: bool 
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors")
 
 
+def add_predict_flags(p: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and the progress switch of ``predict``."""
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (images of one size are batched together)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def report_predictions(records: list[dict[str, Any]], line: Any, output: str, what: str) -> int:
+    """Print one line per image (``line(record)``) and the unreadable files; 1 when no image could be read."""
+    failed = [r for r in records if "error" in r]
+    for r in records:
+        print(f"{r['path']}: ERROR {r['error']}" if "error" in r else line(r))
+    print(f"{what} in {output}")
+    if failed:
+        print(f"{len(failed)} of {len(records)} file(s) could not be read as images and were skipped", file=sys.stderr)
+    return 1 if records and len(failed) == len(records) else 0
+
+
+def add_demo_parser(sub: Any, task: str) -> argparse.ArgumentParser:
+    """The ``demo`` action; its help quotes the demo recipe itself, so the numbers cannot drift from what runs."""
+    from ..dense.config import DENSE_RECIPES
+
+    r = DENSE_RECIPES[f"{task}_demo"]
+    if task == "detect":
+        what, size = "Mask R-CNN", f"{r['max_size']} px scenes"
+    else:
+        what, size = "UPerNet", f"{r['crop_size']} px crops"
+    text = (f"train and score a small {what} on embedded demo scenes ({r['epochs']} epochs, {size}, batch {r['batch_size']}; "
+            "minutes on a CPU)")
+    p = sub.add_parser("demo", help=text, description=text)
+    p.add_argument("--output", default=f"runs/{task}_demo", metavar="DIR")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (recipe {task}_demo: {r['epochs']})")
+    p.add_argument("--config", default=None, metavar="FILE", help=f"YAML/TOML/JSON overrides of the {task}_demo recipe")
+    p.add_argument("--resume", default=None, help="continue an interrupted demo ('auto')")
+    p.add_argument("--num-predict", type=int, default=6, help="held-out images to draw predictions for")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
+
+
 def add_train_parser(sub: Any, task: str) -> None:
     from ..dense.config import DENSE_RECIPES, PUBLISHED
     from ..engine.config import add_config_arguments
@@ -54,7 +93,8 @@ def run_train(args: argparse.Namespace, task: str) -> int:
     cls = _config_cls(task)
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names and k != "preset"}
-    cfg = resolve_dense_config(cls, args.preset, args.config, overrides)
+    # --print-config shows a recipe without needing its data
+    cfg = resolve_dense_config(cls, args.preset, args.config, overrides, require_data=not args.print_config)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._dense import add_common_flags, add_train_parser, run_train
+from ..dense.config import DEFAULT_SCORE_THRESH
+from ._dense import add_common_flags, add_demo_parser, add_predict_flags, add_train_parser, report_predictions, run_train
 
 TASK = "detect"
 
@@ -29,17 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--output", default="runs/detect_predict", metavar="DIR")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn and listed (default: 0.3)")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help=f"lowest score drawn and listed (default: {DEFAULT_SCORE_THRESH}, as the demo)")
+    add_predict_flags(p)
     add_common_flags(p, amp=False, strict=False)
 
-    p = sub.add_parser("demo", help="train and score a small Mask R-CNN on embedded demo scenes (about 10 minutes on 2 CPU cores)")
-    p.add_argument("--output", default="runs/detect_demo", metavar="DIR")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (recipe: 6)")
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON overrides of the detect_demo recipe")
-    p.add_argument("--resume", default=None, help="continue an interrupted demo ('auto')")
-    p.add_argument("--num-predict", type=int, default=6, help="held-out images to draw predictions for")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_demo_parser(sub, TASK)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,12 +51,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped while reading the annotations: {res['data']['skipped']}")
         return 0
     if args.action == "predict":
-        records = workflow.predict_detection(args.checkpoint, args.inputs, args.output, args.score_thresh, args.device)
-        for r in records:
+        records = workflow.predict_detection(args.checkpoint, args.inputs, args.output, args.score_thresh, args.device,
+                                             args.batch_size, progress=not args.no_progress)
+
+        def line(r: dict) -> str:
             found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"]) or "nothing above the threshold"
-            print(f"{r['path']}: {found}")
-        print(f"overlays and predictions.json in {args.output}")
-        return 0
+            return f"{r['path']}: {found}"
+
+        return report_predictions(records, line, args.output, "overlays and predictions.json")
     if args.action == "demo":
         from ..engine.trainer import TrainingInterrupted
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._dense import add_common_flags, add_train_parser, run_train
+from ._dense import add_common_flags, add_demo_parser, add_predict_flags, add_train_parser, report_predictions, run_train
 
 TASK = "segment"
 
@@ -39,16 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--output", default="runs/segment_predict", metavar="DIR")
     _add_inference_flags(p)
+    add_predict_flags(p)
     add_common_flags(p, amp=False, strict=False)
 
-    p = sub.add_parser("demo", help="train and score a small UPerNet on embedded demo scenes (about 10 minutes on 2 CPU cores)")
-    p.add_argument("--output", default="runs/segment_demo", metavar="DIR")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (recipe: 10)")
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON overrides of the segment_demo recipe")
-    p.add_argument("--resume", default=None, help="continue an interrupted demo ('auto')")
-    p.add_argument("--num-predict", type=int, default=6, help="held-out images to draw predictions for")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_demo_parser(sub, TASK)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,12 +59,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped images: {res['metrics']['skipped']} (see the warnings above; --strict-data makes this an error)")
         return 0
     if args.action == "predict":
-        records = workflow.predict_segmentation(args.checkpoint, args.inputs, args.output, args.mode, args.scales, args.flip, args.device)
-        for r in records:
+        records = workflow.predict_segmentation(args.checkpoint, args.inputs, args.output, args.mode, args.scales, args.flip, args.device,
+                                                args.batch_size, progress=not args.no_progress)
+
+        def line(r: dict) -> str:
             top = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:4]
-            print(f"{r['path']}: " + ", ".join(f"{name} {100 * share:.0f}%" for name, share in top))
-        print(f"overlays, label maps and predictions.json in {args.output}")
-        return 0
+            return f"{r['path']}: " + ", ".join(f"{name} {100 * share:.0f}%" for name, share in top)
+
+        return report_predictions(records, line, args.output, "overlays, label maps and predictions.json")
     if args.action == "demo":
         from ..engine.trainer import TrainingInterrupted
 

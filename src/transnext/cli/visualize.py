@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
+
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _common(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--img-size", type=int, default=224, help="images are resized to this square size (default 224)")
+def _common(p: argparse.ArgumentParser, out: str, img_size: int | None = 224) -> None:
+    if img_size is None:
+        p.add_argument("--img-size", type=int, default=None,
+                       help="input size (default: the checkpoint's, as 'transnext predict'; 224 for other weights)")
+    else:
+        p.add_argument("--img-size", type=int, default=img_size, help=f"images are resized to this square size (default {img_size})")
     p.add_argument("--out", default=out, metavar="FILE.png", help=f"figure to write (default {out})")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised weights (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -17,7 +25,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="transnext_tiny", help="transnext variant (default transnext_tiny)")
+    p.add_argument("--model", default=None,
+                   help="transnext variant (default: the model a transnext checkpoint records, else transnext_tiny)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights file (a transnext training checkpoint records its model)")
     p.add_argument("--fixed-pool-size", type=int, default=None, metavar="P", help="linear inference mode with a PxP pooled grid")
     p.add_argument("--pos-bias", choices=("extrapolate", "interpolate"), default=None, help="position-bias mode")
@@ -55,15 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("cam", help="class activation maps (Grad-CAM and a gradient-free method) with top-k labels",
                        description="Class activation maps of a transnext classifier through the grad-cam package.")
     _model_options(p)
-    p.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_DIR",
-                   help="images and/or folders (default: the embedded demo images)")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images and/or folders (default: the embedded demo images)")
+    p.add_argument("--images", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="more images and/or folders")
     p.add_argument("--num-images", type=int, default=4, help="images drawn, one row each (default 4)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's, else 1000)")
     p.add_argument("--methods", nargs="+", default=["gradcam", "eigencam"], help="gradcam, gradcam++, layercam, eigencam, scorecam")
     p.add_argument("--stage", type=int, default=-1, help="stage whose output is explained, 0-based; -1 = last (default)")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: each image's top-1)")
-    _common(p, "cam.png")
+    _common(p, "cam.png", img_size=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +98,9 @@ def _device(args: argparse.Namespace):
 
 def _weights_note(args: argparse.Namespace, specs: list[str]) -> None:
     if not args.pretrained and not getattr(args, "checkpoint", None) and not all("=" in s for s in specs):
-        print("note: randomly initialised weights (pass --checkpoint PATH or --pretrained for trained ones)", file=sys.stderr)
+        # erf names its weights per model (--models NAME=PATH); the other views take --checkpoint
+        how = "--models NAME=PATH" if args.what == "erf" else "--checkpoint PATH"
+        print(f"note: randomly initialised weights (pass {how} or --pretrained for trained ones)", file=sys.stderr)
 
 
 def _erf(args: argparse.Namespace) -> int:
@@ -154,6 +165,8 @@ def _attention(args: argparse.Namespace) -> int:
 def _load_transnext(args: argparse.Namespace):
     from ..visualize import load_model
 
+    if args.model is None:
+        args.model = "transnext_tiny"
     _weights_note(args, [args.model])
     kwargs = dict(fixed_pool_size=args.fixed_pool_size, pos_bias=args.pos_bias)
     if getattr(args, "num_classes", None):
@@ -166,23 +179,73 @@ def _load_transnext(args: argparse.Namespace):
     return lm
 
 
+def _names(paths: list[str]) -> list[str]:
+    """File stems, with their folder where stems repeat (img_0 in several class folders)."""
+    stems = [Path(p).stem for p in paths]
+    return [f"{Path(p).parent.name}/{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
+
+
+def _cam_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str], Any]:
+    """Model, its normalised inputs, their names and the pixels drawn.
+
+    With trained weights (--checkpoint, --pretrained) the model, classes and the whole eval
+    transform (size, crop, interpolation, mean / std) come from ``transnext predict``'s loader,
+    so the labels shown are the ones ``predict`` gives for the same images.
+    """
+    import torch
+    from PIL import Image
+
+    from ..data import find_images, load_image
+    from ..visualize import load_images
+    from ._common import eval_transform, load_model
+
+    sources = list(args.inputs or []) + list(args.images or [])
+    if args.checkpoint or args.pretrained:
+        ns = argparse.Namespace(**{**dict(attn_backend=None, crop_pct=None, interpolation=None, amp="none", command="visualize"),
+                                   **vars(args)})
+        if not ns.checkpoint and not ns.model:
+            ns.model = "transnext_tiny"
+        model, data_cfg, device = load_model(ns)
+        from ..visualize._common import LoadedModel
+
+        lm = LoadedModel(model, model.arch["model"], tuple(data_cfg.get("mean") or IMAGENET_MEAN),
+                         tuple(data_cfg.get("std") or IMAGENET_STD), data_cfg.get("classes"))
+        tf = eval_transform(data_cfg)
+        if sources:
+            paths = find_images(sources)[: args.num_images]
+            pil, names = [load_image(p) for p in paths], _names(paths)
+        else:  # the embedded demo images at their own 28 px, then the same transform as a file
+            demo = load_images(None, 28, args.num_images)
+            pil = [Image.fromarray((t.permute(1, 2, 0) * 255).round().byte().numpy()) for t in demo.pixels]
+            names = demo.names
+        x = torch.stack([tf(img) for img in pil])
+        mean, std = (torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1) for v in (lm.mean, lm.std))
+        return lm, x, names, (x * std + mean).clamp(0, 1)
+    size = args.img_size or 224
+    images = load_images(sources or None, size, args.num_images)
+    lm = _load_transnext(args)
+    lm.model.to(_device(args))
+    return lm, images.normalized(lm.mean, lm.std), images.names, images.pixels
+
+
 def _cam(args: argparse.Namespace) -> int:
     from ..engine.predict import class_names_for
-    from ..visualize import load_images
     from ..visualize.cam import CAM_METHODS, class_activation_maps
     from ..visualize.plot import plot_cam
 
     unknown = [m for m in args.methods if m not in CAM_METHODS]
     if unknown:  # before any model is built
         raise ValueError(f"unknown CAM method(s) {unknown}; choose from {', '.join(CAM_METHODS)}")
-    images = load_images(args.images, args.img_size, args.num_images)
-    lm = _load_transnext(args)
-    lm.model.to(_device(args))
-    targets = [args.target] * images.pixels.shape[0] if args.target is not None else None
-    results = class_activation_maps(lm.model, images.normalized(lm.mean, lm.std), args.methods, args.stage, targets, args.topk)
+    lm, x, names, pixels = _cam_inputs(args)
+    from ..models.transnext import TransNeXt
+
+    if not isinstance(lm.model, TransNeXt):
+        raise ValueError(f"{lm.name!r} is not a transnext model (class activation maps need one)")
+    targets = [args.target] * x.shape[0] if args.target is not None else None
+    results = class_activation_maps(lm.model, x, args.methods, args.stage, targets, args.topk)
     classes = class_names_for(lm.model.num_classes, lm.classes)
-    for name, r in zip(images.names, results):
+    for name, r in zip(names, results):
         print(f"{name}: " + ", ".join(f"{classes[c]} {100 * p:.1f}%" for c, p in r.topk))
-    path = plot_cam(images.pixels, results, classes, args.out, images.names)
+    path = plot_cam(pixels, results, classes, args.out, names)
     print(f"wrote {path}")
     return 0

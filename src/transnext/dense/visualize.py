@@ -2,17 +2,68 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["draw_detections", "draw_segmentation", "palette"]
+__all__ = ["draw_detections", "draw_segmentation", "label_boxes", "palette"]
+
+
+@functools.lru_cache(maxsize=1)
+def _qualitative() -> tuple[tuple[int, int, int], ...]:
+    """A fixed order of well-separated colours: each one the candidate farthest (in RGB) from those before it."""
+    import colorsys
+
+    cands = [tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h / 24, s, v))
+             for h in range(24) for s, v in ((0.9, 0.95), (0.5, 1.0), (0.95, 0.55))]
+    chosen = [cands.pop(0)]  # red first
+    while cands:
+        far = max(range(len(cands)), key=lambda i: min(sum((a - b) ** 2 for a, b in zip(cands[i], c)) for c in chosen))
+        chosen.append(cands.pop(far))
+    return tuple(chosen)  # type: ignore[return-value]
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
-    """``n`` distinct colours (golden-ratio hue steps, fixed saturation / value)."""
-    import colorsys
+    """``n`` colours indexed by class: a fixed qualitative palette (72 colours, the first ones the most distinct), then repeated."""
+    base = _qualitative()
+    return [base[i % len(base)] for i in range(n)]
 
-    return [tuple(int(255 * v) for v in colorsys.hsv_to_rgb((0.13 + i * 0.618034) % 1.0, 0.75, 0.95)) for i in range(n)]  # type: ignore[misc]
+
+def _text_colour(fill: Sequence[int]) -> tuple[int, int, int]:
+    """Black on light fills, white on dark ones (Rec. 601 luma)."""
+    r, g, b = fill[:3]
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b >= 128 else (255, 255, 255)
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def label_boxes(boxes: Sequence[Sequence[float]], text_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int],
+                pad: int = 2) -> list[tuple[int, int, int, int] | None]:
+    """Where each box's label goes: ``(x1, y1, x2, y2)`` of the label background, always inside the image.
+
+    A label sits on the box's top edge, outside; at the top of the image it flips inside, below the
+    edge. Labels that would cover an already placed one try the box's inside top, then its bottom,
+    then below it; with no free place left the label is left out (None: its box is still drawn,
+    and listed in predictions.json), so that a crowd of low scores cannot bury the best ones.
+    Labels wider than the image are cut at its right edge.
+    """
+    W, H = image_size
+    out: list[tuple[int, int, int, int] | None] = []
+    placed: list[tuple[int, int, int, int]] = []
+    for box, (tw, th) in zip(boxes, text_sizes):
+        w, h = min(tw + pad, W), min(th + pad, H)
+        x1, y1, _, y2 = (float(v) for v in box)
+        left = int(min(max(x1, 0), W - w))
+        tries = [y1 - h, y1, y2 - h, y2]
+        tops = [int(min(max(t, 0), H - h)) for t in tries if t >= 0 and t + h <= H] or [int(min(max(y1, 0), H - h))]
+        rects = [(left, t, left + w, t + h) for t in tops]
+        free = [r for r in rects if not any(_overlap(r, p) for p in placed)]
+        out.append(free[0] if free else None)
+        if free:
+            placed.append(free[0])
+    return out
 
 
 def draw_detections(image: Any, boxes: Sequence[Sequence[float]], labels: Sequence[int], scores: Sequence[float],
@@ -29,16 +80,23 @@ def draw_detections(image: Any, boxes: Sequence[Sequence[float]], labels: Sequen
             arr[m] = (1 - alpha) * arr[m] + alpha * np.asarray(colours[int(label) % len(colours)], dtype=np.float32)
     out = Image.fromarray(arr.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    for box, label, score in zip(boxes, labels, scores):
-        colour = colours[int(label) % len(colours)]
-        x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-        name = classes[int(label)] if 0 <= int(label) < len(classes) else str(label)
-        text = f"{name} {float(score):.2f}"
-        tw, th = draw.textbbox((0, 0), text)[2:]
-        ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1
-        draw.rectangle([x1, ty, x1 + tw + 2, ty + th + 2], fill=colour)
-        draw.text((x1 + 1, ty + 1), text, fill=(0, 0, 0))
+    # the best detections get the first pick of label places
+    order = sorted(range(len(boxes)), key=lambda k: -float(scores[k]))
+    texts = []
+    for k in order:
+        label = int(labels[k])
+        name = classes[label] if 0 <= label < len(classes) else str(label)
+        texts.append(f"{name} {float(scores[k]):.2f}")
+    sizes = [tuple(draw.textbbox((0, 0), t)[2:]) for t in texts]
+    for k in order:
+        colour = colours[int(labels[k]) % len(colours)]
+        draw.rectangle([float(v) for v in boxes[k]], outline=colour, width=2)
+    for k, text, rect in zip(order, texts, label_boxes([boxes[k] for k in order], sizes, out.size)):
+        if rect is None:
+            continue
+        colour = colours[int(labels[k]) % len(colours)]
+        draw.rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=colour)
+        draw.text((rect[0] + 1, rect[1] + 1), text, fill=_text_colour(colour))
     return out
 
 

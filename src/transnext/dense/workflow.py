@@ -108,18 +108,71 @@ def evaluate_detection(checkpoint: str | Path, data_dir: str | Path, split: str,
 
 
 def _load_rgb(path: str) -> Any:
-    from ..data import load_image
+    """8-bit RGB of an image file, fully decoded; an unreadable or non-image file is a DataError naming it."""
+    from ..data import DataError, load_image
 
-    return load_image(path)
+    try:
+        return load_image(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated, unknown or damaged files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _image_batches(paths: Sequence[str], batch_size: int, skipped: list[dict[str, Any]], progress: bool,
+                   desc: str) -> Any:
+    """Yield lists of ``(path, image)``, at most ``batch_size`` long and of one image size each (so that
+    batching changes no prediction); unreadable files are warned about by name and appended to ``skipped``."""
+    import warnings
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    bar = None
+    if progress and len(paths) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    batch: list[tuple[str, Any]] = []
+    for path in paths:
+        try:
+            img = _load_rgb(path)
+        except ValueError as e:
+            warnings.warn(f"{e}; skipped", stacklevel=3)
+            skipped.append({"path": str(path), "error": str(e)})
+            if bar is not None:
+                bar.update(1)
+            continue
+        if batch and (len(batch) >= batch_size or batch[0][1].size != img.size):
+            yield batch
+            if bar is not None:
+                bar.update(len(batch))
+            batch = []
+        batch.append((path, img))
+    if batch:
+        yield batch
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+
+
+def _in_input_order(paths: Sequence[str], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    order = {str(p): i for i, p in enumerate(paths)}
+    return sorted(records, key=lambda r: order[r["path"]])
 
 
 @torch.no_grad()
-def predict_detection(checkpoint: str | Path, inputs: Sequence[str | Path], output: str | Path, score_thresh: float = 0.3,
-                      device: str = "auto") -> list[dict[str, Any]]:
-    """Overlays (``<output>/<name>.png``) and ``<output>/predictions.json`` for images or folders."""
+def predict_detection(checkpoint: str | Path, inputs: Sequence[str | Path], output: str | Path,
+                      score_thresh: float | None = None, device: str = "auto", batch_size: int = 1,
+                      progress: bool = False) -> list[dict[str, Any]]:
+    """Overlays (``<output>/<name>_pred.png``) and ``<output>/predictions.json`` for images or folders.
+
+    One record per image, ``{"path", "overlay", "detections"}``; a file that cannot be read as an
+    image is warned about, skipped and recorded as ``{"path", "error"}``. ``score_thresh`` None:
+    :data:`transnext.dense.config.DEFAULT_SCORE_THRESH`.
+    """
     from torchvision.transforms.functional import pil_to_tensor
 
     from ..data import find_images
+    from .config import DEFAULT_SCORE_THRESH
     from .modeling import dense_model_from_checkpoint
     from .visualize import draw_detections
 
@@ -129,20 +182,22 @@ def predict_detection(checkpoint: str | Path, inputs: Sequence[str | Path], outp
     classes = info.get("classes") or [str(i) for i in range(info["arch"]["num_classes"])]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in find_images([str(p) for p in inputs]):
-        img = _load_rgb(path)
-        (det,) = model([pil_to_tensor(img).float().div(255).to(dev)])
-        keep = det["scores"] >= score_thresh
-        boxes, labels, scores = det["boxes"][keep].cpu(), det["labels"][keep].cpu(), det["scores"][keep].cpu()
-        masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy() if "masks" in det else None
-        overlay = draw_detections(img, boxes.tolist(), labels.tolist(), scores.tolist(), classes, masks)
-        png = out / (Path(path).stem + "_pred.png")
-        overlay.save(png)
-        records.append({"path": str(path), "overlay": str(png), "detections": [
-            {"label": classes[int(lab)], "score": round(float(s), 4), "box_xyxy": [round(float(v), 1) for v in b]}
-            | ({"mask_area": int(masks[k].sum())} if masks is not None else {})
-            for k, (b, lab, s) in enumerate(zip(boxes, labels, scores))]})
+    paths = find_images([str(p) for p in inputs])
+    records: list[dict[str, Any]] = []
+    for batch in _image_batches(paths, batch_size, records, progress, "detect"):
+        dets = model([pil_to_tensor(img).float().div(255).to(dev) for _, img in batch])
+        for (path, img), det in zip(batch, dets):
+            keep = det["scores"] >= (DEFAULT_SCORE_THRESH if score_thresh is None else score_thresh)
+            boxes, labels, scores = det["boxes"][keep].cpu(), det["labels"][keep].cpu(), det["scores"][keep].cpu()
+            masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy() if "masks" in det else None
+            overlay = draw_detections(img, boxes.tolist(), labels.tolist(), scores.tolist(), classes, masks)
+            png = out / (Path(path).stem + "_pred.png")
+            overlay.save(png)
+            records.append({"path": str(path), "overlay": str(png), "detections": [
+                {"label": classes[int(lab)], "score": round(float(s), 4), "box_xyxy": [round(float(v), 1) for v in b]}
+                | ({"mask_area": int(masks[k].sum())} if masks is not None else {})
+                for k, (b, lab, s) in enumerate(zip(boxes, labels, scores))]})
+    records = _in_input_order(paths, records)
     _write_text(out / "predictions.json", json.dumps(records, indent=2))
     return records
 
@@ -242,8 +297,12 @@ def evaluate_segmentation(checkpoint: str | Path, data_dir: str | Path, split: s
 
 @torch.no_grad()
 def predict_segmentation(checkpoint: str | Path, inputs: Sequence[str | Path], output: str | Path, mode: str | None = None,
-                         scales: Sequence[float] = (1.0,), flip: bool = False, device: str = "auto") -> list[dict[str, Any]]:
-    """Colour overlays with a legend and raw label PNGs (class indices) in ``output``, plus ``predictions.json``."""
+                         scales: Sequence[float] = (1.0,), flip: bool = False, device: str = "auto", batch_size: int = 1,
+                         progress: bool = False) -> list[dict[str, Any]]:
+    """Colour overlays with a legend and raw label PNGs (class indices) in ``output``, plus ``predictions.json``.
+
+    A file that cannot be read as an image is warned about, skipped and recorded as ``{"path", "error"}``.
+    """
     import numpy as np
     from PIL import Image
 
@@ -261,20 +320,23 @@ def predict_segmentation(checkpoint: str | Path, inputs: Sequence[str | Path], o
     tf = SegmentationEvalTransform(tuple(dc.get("resize_scale") or (2048, 512)))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in find_images([str(p) for p in inputs]):
-        img = _load_rgb(path)
-        x, _ = tf(img, np.zeros((img.height, img.width), dtype=np.uint8))
-        scores = segment_image(model, x.unsqueeze(0).to(dev), out_size=(img.height, img.width), num_classes=len(classes),
+    paths = find_images([str(p) for p in inputs])
+    records: list[dict[str, Any]] = []
+    for batch in _image_batches(paths, batch_size, records, progress, "segment"):
+        w, h = batch[0][1].size  # one size per batch
+        x = torch.stack([tf(img, np.zeros((h, w), dtype=np.uint8))[0] for _, img in batch])
+        scores = segment_image(model, x.to(dev), out_size=(h, w), num_classes=len(classes),
                                mode=mode or dc.get("eval_mode", "whole"), crop=dc.get("crop_size", 512),
                                stride=dc.get("eval_stride", 341), scales=scales, flip=flip)
-        label = scores.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        stem = Path(path).stem
-        draw_segmentation(img, label, classes).save(out / f"{stem}_overlay.png")
-        Image.fromarray(label).save(out / f"{stem}_label.png")
-        values, counts = np.unique(label, return_counts=True)
-        records.append({"path": str(path), "overlay": str(out / f"{stem}_overlay.png"), "label_map": str(out / f"{stem}_label.png"),
-                        "classes": {classes[int(v)]: round(float(c) / label.size, 4) for v, c in zip(values, counts)}})
+        for (path, img), label in zip(batch, scores.argmax(1).cpu().numpy().astype(np.uint8)):
+            stem = Path(path).stem
+            draw_segmentation(img, label, classes).save(out / f"{stem}_overlay.png")
+            Image.fromarray(label).save(out / f"{stem}_label.png")
+            values, counts = np.unique(label, return_counts=True)
+            records.append({"path": str(path), "overlay": str(out / f"{stem}_overlay.png"),
+                            "label_map": str(out / f"{stem}_label.png"),
+                            "classes": {classes[int(v)]: round(float(c) / label.size, 4) for v, c in zip(values, counts)}})
+    records = _in_input_order(paths, records)
     _write_text(out / "predictions.json", json.dumps(records, indent=2))
     return records
 

@@ -12,7 +12,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -99,16 +99,23 @@ class TrainConfig:
     progress: bool = True
     preset: str | None = None
 
+    # what --data-dir must hold, named by the missing-data error (subclasses name their layouts)
+    DATA_LAYOUT: ClassVar[str] = "an ImageFolder tree with train/ and val/"
+    # options a subclass's task ignores: still accepted, not listed by --help
+    IGNORED_OPTIONS: ClassVar[frozenset[str]] = frozenset()
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], require_data: bool = True) -> TrainConfig:
+        """Validated configuration; ``require_data=False`` accepts a missing ``data_dir`` (``--print-config``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
         cfg = cls(**{k: v for k, v in d.items()})
+        cfg._require_data = require_data
         cfg.validate()
         return cfg
 
@@ -143,8 +150,8 @@ class TrainConfig:
                 raise ValueError(msg)
         if self.sched == "step":
             _check_step_schedule(self.decay_milestones, self.decay_rate)
-        if self.dataset == "folder" and not self.data_dir:
-            raise ValueError("no training data: pass --data-dir DIR (an ImageFolder tree with train/ and val/) or --dataset demo")
+        if self.dataset == "folder" and not self.data_dir and getattr(self, "_require_data", True):
+            raise ValueError(f"no training data: pass --data-dir DIR ({self.DATA_LAYOUT}) or --dataset demo")
 
 
 def _check_step_schedule(milestones: tuple, rate: float) -> None:
@@ -276,7 +283,6 @@ _HELP = {
     "model_kwargs": "architecture overrides as JSON, e.g. '{\"depths\": [1,1,2,1]}'",
     "total_batch_size": "target total batch; gradient accumulation makes up the difference",
     "resume": "checkpoint to continue from, or 'auto' (<output>/last.pth when present)",
-    "dataset": "'folder' (ImageFolder tree under --data-dir) or 'demo' (embedded data set)",
     "amp": "mixed precision: auto (fp16 on CUDA, bf16 on CPU), fp16, bf16, none",
     "sched_per_step": "update the learning rate every optimizer step (--no-sched-per-step: once per epoch)",
     "max_steps": "run length in optimizer steps (overrides --epochs; e.g. 160000 with --sched poly)",
@@ -294,14 +300,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Train
     for f in dataclasses.fields(config_cls):
         if f.name == "preset":
             continue
+        hidden = f.name in config_cls.IGNORED_OPTIONS
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         t = args[0]
         d = defaults[f.name]
         dv = d.default if d.default is not dataclasses.MISSING else d.default_factory()  # type: ignore[misc]
-        help_text = _HELP.get(f.name, "") + (f" (default: {dv})" if dv not in ((), {}) else "")
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_text.strip())
+        text = _HELP.get(f.name, "")
+        if f.name == "dataset":
+            text = f"'folder' ({config_cls.DATA_LAYOUT}, under --data-dir) or 'demo' (embedded data set)"
+        help_text = text + (f" (default: {dv})" if dv not in ((), {}) else "")
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=argparse.SUPPRESS if hidden else help_text.strip())
         if t is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif t is tuple:

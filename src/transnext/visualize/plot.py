@@ -217,7 +217,12 @@ def plot_cam(
     plt = _pyplot()
     methods = list(results[0].maps)
     rows, cols = len(results), 1 + len(methods)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 3.0 * rows), squeeze=False)
+    # room for each row's title block (name + top-k lines), laid out by constrained layout so that
+    # a title never runs into the row above
+    lines = (1 if names else 0) + max(len(r.topk) for r in results)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, (2.8 + 0.16 * lines) * rows), squeeze=False,
+                             constrained_layout=True)
+    fig.get_layout_engine().set(h_pad=0.08, hspace=0.04)
     for i, r in enumerate(results):
         rgb = _rgb(images[i])
         top = "\n".join(f"{classes[c]} {100 * p:.1f}%" for c, p in r.topk)
