@@ -5,6 +5,7 @@ query tiles unevenly), against the torch kernels in float32, routing, and its fa
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 
@@ -193,13 +194,19 @@ def test_unsupported_head_size_and_switch_fall_back_to_torch(monkeypatch) -> Non
     assert_close(out, ref, "torch kernels with the native kernel switched off")
 
 
+def _fresh_state(monkeypatch, cache) -> None:
+    for name, value in (("_libs", {}), ("_errors", {}), ("_info", {}), ("_warned", set()), ("_private_dir", None)):
+        monkeypatch.setattr(native, name, value)
+    monkeypatch.setenv("TRANSNEXT_CACHE_DIR", str(cache))
+
+
 def test_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path) -> None:
-    """No usable compiler: available() is False with the reason, and the model still runs."""
-    monkeypatch.setattr(native, "_libs", {})
-    monkeypatch.setattr(native, "_errors", {})
-    monkeypatch.setenv("TRANSNEXT_CACHE_DIR", str(tmp_path))
+    """No usable compiler: available() is False with the reason (and one warning saying it), and
+    the model still runs."""
+    _fresh_state(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    assert not native.available(torch.float64)
+    with pytest.warns(native.NativeKernelWarning, match="no C compiler found.*TRANSNEXT_NATIVE=0"):
+        assert not native.available(torch.float64)
     assert "no C compiler found" in native.build_error(torch.float64)
     with pytest.raises(RuntimeError, match="not available"):
         t, extra = aa_inputs(1, 1, (3, 3), 4, (1, 1))
@@ -215,15 +222,19 @@ def test_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path) -> None:
 
 
 def test_build_is_cached_and_atomic(monkeypatch, tmp_path) -> None:
-    """A fresh cache builds one library per element type, named by a hash; no partial files remain."""
-    monkeypatch.setattr(native, "_libs", {})
-    monkeypatch.setattr(native, "_errors", {})
-    monkeypatch.setenv("TRANSNEXT_CACHE_DIR", str(tmp_path))
+    """A fresh cache builds one library per element type, named by a hash, and its record (size,
+    sha256, ABI) beside it; no partial files remain."""
+    _fresh_state(monkeypatch, tmp_path)
     assert native.available(torch.float32)
+    assert native.status()["origin"] == "built"
     files = sorted(p.name for p in (tmp_path / "native").iterdir())
-    assert len(files) == 1 and files[0].startswith("aggregated_attention_float_") and files[0].endswith(".so")
+    assert len(files) == 2 and all(f.startswith("aggregated_attention_float_") for f in files), files
+    record, library = files[0], files[1]
+    assert record.endswith(".json") and library.endswith(".so")
+    assert json.loads((tmp_path / "native" / record).read_text())["library"] == library
     monkeypatch.setattr(native, "_libs", {})
     assert native.available(torch.float32)  # found in the cache, not rebuilt
+    assert native.status()["origin"] == "cache"
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == files
 
 

@@ -76,6 +76,18 @@ def _table(rows: list[dict], args: argparse.Namespace, markdown: bool) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
 
 
+def _native_status() -> str:
+    """The native CPU kernel's status line (built or loaded from where, at which instruction set
+    level, or why not); the line says it, so the kernel's own warning is not repeated."""
+    import warnings
+
+    from ..ops import native
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", native.NativeKernelWarning)
+        return native.describe()
+
+
 def run(args: argparse.Namespace) -> int:
     rows = _rows(args)
     if args.format == "json":
@@ -84,4 +96,5 @@ def run(args: argparse.Namespace) -> int:
         print(_table(rows, args, markdown=args.format == "markdown"))
         if args.format == "table":
             print("\nGFLOPs = multiply-adds for one image at the listed resolution; top-1 = ImageNet-1K validation.")
+            print(_native_status())
     return 0

@@ -8,11 +8,21 @@ row (logits, the position bias read from its small factors, softmax, aggregation
 window values), so no (heads, N, Np) block is written at all.
 
 It needs no build step at install time and no torch headers: the first call compiles one small
-shared library per element type with ``cc`` (``$CC`` if set), about a second, into a per-user
-cache keyed by the source, compiler and flags, and loads it with :mod:`ctypes`. Where no compiler
-works (or on a platform it does not handle), :func:`available` is False and the torch kernels
-run instead, with the same results. ``TRANSNEXT_NATIVE=0`` turns the kernel off;
-``TRANSNEXT_CACHE_DIR`` moves the cache (default ``~/.cache/transnext``).
+shared library per element type with ``cc`` (``$CC`` if set), a few seconds, and loads it with
+:mod:`ctypes`. The build targets the highest named instruction set level the CPU runs
+(x86-64-v2/v3/v4, armv8-a) with FMA contraction fixed, so one build gives the same results on
+every machine of that level; it is cached under a key of the source, the compiler's identity, the
+flags and that level (not the host), in ``$TRANSNEXT_CACHE_DIR/native`` (default
+``$XDG_CACHE_HOME/transnext`` or ``~/.cache/transnext``), a directory of mode 0700.
+
+Loading trusts only what this user alone could have written: the directory and the files must be
+theirs and writable by nobody else (otherwise the kernel is built in a private temporary
+directory, with a warning). Each library has a record beside it (size, sha256, ABI), written
+after it atomically; a library that does not match its record, does not load, lacks an entry
+point or reports another ABI (:data:`ABI_VERSION`) is rebuilt before any kernel is called.
+Where no compiler works (or on a platform it does not handle), :func:`available` is False, one
+:class:`NativeKernelWarning` per process says why and how to fix it, and the torch kernels run
+instead with the same results. ``TRANSNEXT_NATIVE=0`` turns the kernel off (no warning).
 
 Work is split over threads (``torch.get_num_threads()``) by contiguous ranges of
 (batch * head, grid row) items; ctypes releases the GIL for the duration of each call.
@@ -20,15 +30,23 @@ Work is split over threads (``torch.get_num_threads()``) by contiguous ranges of
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
+import functools
 import hashlib
+import json
 import os
 import platform
+import re
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,74 +54,334 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ENV_VAR", "aggregated_attention_backward", "aggregated_attention_forward", "available", "bias_table", "build_error",
-    "supports", "usable",
+    "ABI_VERSION", "ENV_VAR", "PROTOTYPES", "NativeKernelWarning", "aggregated_attention_backward",
+    "aggregated_attention_forward", "available", "bias_table", "build_error", "describe", "status", "supports", "usable",
 ]
 
 ENV_VAR = "TRANSNEXT_NATIVE"
+CACHE_ENV_VAR = "TRANSNEXT_CACHE_DIR"
+ABI_VERSION = 1  # TRANSNEXT_NATIVE_ABI in aggregated_attention.c
 _XBAND = 16  # query columns per work item (XBAND in the C source)
 _SOURCE = Path(__file__).with_name("aggregated_attention.c")
 _DTYPES = {torch.float32: ("float", ""), torch.float64: ("double", "-DREAL_IS_DOUBLE")}
-_FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
+# Fixed in the flags: FMA contraction changes the last bits, so one build level gives one result.
+_COMMON_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast"]
+
+_PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# The entry points of aggregated_attention.c as (restype, argtypes), in the order of its prototypes;
+# the only place their argument lists are declared on this side.
+PROTOTYPES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "transnext_native_abi_version": (_INT, ()),
+    "transnext_native_real_size": (_INT, ()),
+    "transnext_native_vector_length": (_INT, ()),
+    # qs, kt, vp, kpad, vpad, table, yidx, yw, ltab, extra, out; table_su ... window, item0, item1
+    "transnext_aggregated_attention_forward": (_INT, (_PTR,) * 11 + (_I64,) * 14),
+    # the 10 inputs, g, vt, kp, dqs, dw, dloc, dkp, dvp, dkpad, dvpad, dtable; table_su ... item1
+    "transnext_aggregated_attention_backward": (_INT, (_PTR,) * 21 + (_I64,) * 14),
+    # mlpt, ix, wx, out; h, Uy, UyP, Ux, W, Kw, T, item0, item1
+    "transnext_bias_table": (_INT, (_PTR,) * 4 + (_I64,) * 9),
+}
+
+# Feature macros of the x86-64 levels: a level is targeted when the compiler defines, for this CPU
+# (-march=native), every one of them that it defines for the level.
+_X86_FEATURES = (
+    "SSE3", "SSSE3", "SSE4_1", "SSE4_2", "POPCNT", "AVX", "AVX2", "BMI", "BMI2", "F16C", "FMA", "LZCNT", "MOVBE",
+    "XSAVE", "AVX512F", "AVX512BW", "AVX512CD", "AVX512DQ", "AVX512VL",
+)
 
 _lock = threading.Lock()
 _libs: dict[torch.dtype, ctypes.CDLL] = {}
 _errors: dict[torch.dtype, str] = {}
+_info: dict[torch.dtype, dict[str, str]] = {}
+_warned: set[str] = set()
+_opened: set[str] = set()  # library paths handed to the loader in this process
+_private_dir: Path | None = None
 _pool: ThreadPoolExecutor | None = None
+
+
+class NativeKernelWarning(RuntimeWarning):
+    """The native kernel is not available, or its cache was not used as it stood (with the reason)."""
+
+
+class _Stale(Exception):
+    """A cached library that must not be loaded as it is (the message says why); it is rebuilt."""
 
 
 def _enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, NativeKernelWarning, stacklevel=3)
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("TRANSNEXT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transnext")
+    root = os.environ.get(CACHE_ENV_VAR)
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = os.path.join(xdg, "transnext") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "transnext")
     return Path(root) / "native"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC") or "cc"
-    return shutil.which(cc)
+def _untrusted(path: Path, st: os.stat_result, kind: str) -> str | None:
+    """Why ``path`` must not be trusted with code to load (None when it may): it must belong to this
+    user and be writable by nobody else."""
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{kind} {path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        who = "group and others" if st.st_mode & 0o022 == 0o022 else ("group" if st.st_mode & 0o020 else "others")
+        return f"{kind} {path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _private_location() -> Path:
+    """A fresh directory only this process's user can write, removed at exit."""
+    global _private_dir
+    if _private_dir is None:
+        _private_dir = Path(tempfile.mkdtemp(prefix="transnext-native-"))
+        atexit.register(shutil.rmtree, _private_dir, True)
+    return _private_dir
+
+
+def _library_dir() -> Path:
+    """The cache directory (created private, mode 0700), or a private temporary one where the cache
+    cannot be trusted or created (with a warning saying why)."""
+    if _private_dir is not None:
+        return _private_dir
+    where = _cache_dir()
+    try:
+        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        reason = _untrusted(where, where.stat(), "the cache directory")
+    except OSError as exc:
+        reason = f"the cache directory {where} cannot be created ({exc.strerror or exc})"
+    if reason is None:
+        return where
+    _warn_once("cache-dir", f"transnext: not loading the native kernel from its cache: {reason}. It is built in a private "
+                            f"temporary directory for this process instead. To fix it: chmod 700 {where} (and own it), "
+                            f"or set {CACHE_ENV_VAR} to a directory only you can write.")
+    return _private_location()
+
+
+def _compiler() -> list[str] | None:
+    """The compiler command ($CC, which may carry arguments, or cc), its program resolved on PATH."""
+    words = shlex.split(os.environ.get("CC") or "cc") or ["cc"]
+    program = shutil.which(words[0])
+    return None if program is None else [program, *words[1:]]
+
+
+def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@functools.cache
+def _macros(cc: tuple[str, ...], flags: tuple[str, ...]) -> frozenset[str] | None:
+    """The macros the compiler predefines with ``flags`` (None where it rejects them)."""
+    proc = _run([*cc, *flags, "-dM", "-E", "-x", "c", os.devnull])
+    if proc.returncode != 0:
+        return None
+    return frozenset(line.strip() for line in proc.stdout.splitlines() if line.startswith("#define "))
+
+
+def _x86_level(cc: tuple[str, ...]) -> int | None:
+    native = _macros(cc, ("-march=native",))
+    if native is None:
+        return None
+    for level in (4, 3, 2):
+        wanted = _macros(cc, (f"-march=x86-64-v{level}",))
+        if wanted is not None and all(f"#define __{f}__ 1" in native for f in _X86_FEATURES
+                                      if f"#define __{f}__ 1" in wanted):
+            return level
+    return None
+
+
+def _targets(cc: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """(instruction set level, flags) to try in order: the highest named level this CPU runs, so one
+    build serves every machine of that level; -march=native only where no level is known."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        level = _x86_level(cc)
+        named = [(f"x86-64-v{level}", [f"-march=x86-64-v{level}"])] if level else []
+        return [*named, ("native", ["-march=native"]), ("x86-64", [])]
+    if machine in ("aarch64", "arm64"):
+        return [("armv8-a", ["-march=armv8-a"]), ("arm64", [])]
+    return [(machine or "generic", [])]
+
+
+@functools.cache
+def _identity(cc: tuple[str, ...]) -> str:
+    """The compiler's version and target, not its path: one image's compiler anywhere is one compiler."""
+    return _run([*cc, "--version"]).stdout + "\0" + _run([*cc, "-dumpmachine"]).stdout
+
+
+def _build_key(cc: tuple[str, ...], args: list[str], source: bytes) -> str:
+    """Hash of everything the built code depends on: the source, the compiler identity, the
+    arguments and the macros they define (what -march=native resolves to). Not the host: machines
+    of one level with one compiler share a build."""
+    macros = "\n".join(sorted(_macros(cc, tuple(args)) or ()))
+    parts = [source, str(ABI_VERSION), _identity(cc), " ".join(args), macros]
+    return hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checked_file(path: Path, kind: str) -> os.stat_result:
+    st = os.lstat(path)  # a link is not followed: only a regular file of ours is loaded
+    if not stat.S_ISREG(st.st_mode):
+        raise _Stale(f"{kind} {path} is not a regular file")
+    reason = _untrusted(path, st, kind)
+    if reason:
+        raise _Stale(reason)
+    return st
+
+
+def _record_path(where: Path, stem: str) -> Path:
+    return where / f"{stem}.json"
+
+
+def _verified(where: Path, stem: str, real_size: int) -> Path:
+    """The cached library of ``stem`` after checking its record (ABI, size, sha256) and ownership,
+    before anything maps it; raises :class:`_Stale` with the reason, FileNotFoundError when none."""
+    record_path = _record_path(where, stem)
+    try:
+        _checked_file(record_path, "the build record")
+        text = record_path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _Stale(f"the build record {record_path} cannot be read ({exc})") from None
+    try:
+        record = json.loads(text)
+        name, size, digest = record["library"], int(record["size"]), record["sha256"]
+        abi, rsize = int(record["abi"]), int(record["real_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Stale(f"the build record {record_path} is damaged ({exc})") from None
+    if not isinstance(name, str) or not re.fullmatch(re.escape(stem) + r"-[0-9a-f]{16}\.so", name):
+        raise _Stale(f"the build record {record_path} names an unexpected file {name!r}")
+    if (abi, rsize) != (ABI_VERSION, real_size):
+        raise _Stale(f"the cached library was built for ABI {abi} / {rsize}-byte reals, not {ABI_VERSION} / {real_size}")
+    path = where / name
+    try:
+        st = _checked_file(path, "the cached library")
+    except FileNotFoundError:
+        raise _Stale(f"the cached library {path} is missing") from None
+    if st.st_size != size:
+        raise _Stale(f"the cached library {path} has {st.st_size} bytes, its record says {size}")
+    if _sha256(path) != digest:
+        raise _Stale(f"the cached library {path} does not match the sha256 of its record")
+    return path
+
+
+def _open(path: Path, real_size: int) -> ctypes.CDLL:
+    """Load a verified library and declare its entry points; raises :class:`_Stale` where it is
+    not a library of this ABI (none of its kernels is called then)."""
+    try:
+        if str(path) in _opened:
+            # The loader hands back the library already open under a name, whatever the file
+            # there is now (a rebuild of a stale one): a fresh name loads the fresh file.
+            fd, tmp = tempfile.mkstemp(prefix=".load-", suffix=".so", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(path.read_bytes())
+            try:
+                lib = ctypes.CDLL(tmp)
+            finally:
+                os.unlink(tmp)
+        else:
+            _opened.add(str(path))
+            lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise _Stale(f"the cached library {path} does not load ({exc})") from None
+    missing = [name for name in PROTOTYPES if not hasattr(lib, name)]
+    if missing:
+        raise _Stale(f"the cached library {path} lacks {', '.join(missing)}")
+    for name, (restype, argtypes) in PROTOTYPES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, list(argtypes)
+    abi, rsize = lib.transnext_native_abi_version(), lib.transnext_native_real_size()
+    if (abi, rsize) != (ABI_VERSION, real_size):
+        raise _Stale(f"the cached library {path} has ABI {abi} / {rsize}-byte reals, not {ABI_VERSION} / {real_size}")
+    if lib.transnext_native_vector_length() * real_size != 32:
+        raise _Stale(f"the cached library {path} has an unexpected vector length")
+    return lib
+
+
+def _build(cc: list[str], args: list[str], where: Path, stem: str, real_size: int) -> Path:
+    """Compile into ``where`` under a temporary name, then move the library to its content-named
+    file and its record beside it, each with os.replace: a reader never sees a partial file, and a
+    record always names a complete library."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=where)
+    os.close(fd)
+    try:
+        proc = _run([*cc, *args, "-o", tmp, str(_SOURCE), "-lm"], timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip()[-500:] or f"exit code {proc.returncode}")
+        os.chmod(tmp, 0o700)
+        digest = _sha256(Path(tmp))
+        path = where / f"{stem}-{digest[:16]}.so"
+        size = os.stat(tmp).st_size
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    record = {"library": path.name, "size": size, "sha256": digest, "abi": ABI_VERSION, "real_size": real_size,
+              "flags": " ".join(args)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".json", dir=where)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, _record_path(where, stem))
+    return path
+
+
+def _discard(where: Path, stem: str, keep: Path) -> None:
+    """Remove the other libraries of ``stem`` (damaged or superseded builds); best effort."""
+    for old in where.glob(f"{stem}-*.so"):
+        if old != keep:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 def _compile(dtype: torch.dtype) -> ctypes.CDLL:
-    """Compile (or find in the cache) and load the library for ``dtype``; raises with the reason."""
+    """Find in the cache (verified) or compile, and load the library for ``dtype``; raises with the reason."""
     if sys.platform == "win32":
-        raise RuntimeError("the native kernel is built with a GCC/Clang-style compiler; not on Windows")
+        raise RuntimeError("the native kernel is built with a GCC/Clang-style compiler, not on Windows")
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (set CC or install cc)")
+        raise RuntimeError(f"no C compiler found ({os.environ.get('CC') or 'cc'!r} is not a program on PATH)")
     source = _SOURCE.read_bytes()
     real, define = _DTYPES[dtype]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    real_size = torch.empty((), dtype=dtype).element_size()
+    where = _library_dir()
     errors = []
-    for flags in _FLAG_SETS:
-        args = [f"-DREAL={real}", *([define] if define else []), *flags, "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast"]
-        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(args).encode(),
-                                         platform.machine().encode(), platform.node().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"aggregated_attention_{real}_{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: concurrent processes never load a partial file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            proc = subprocess.run([cc, *args, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
-                                  timeout=300)
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
+    for isa, flags in _targets(tuple(cc)):
+        args = [f"-DREAL={real}", *([define] if define else []), *flags, *_COMMON_FLAGS]
+        stem = f"aggregated_attention_{real}_{isa}_{_build_key(tuple(cc), args, source)}"
+        origin = "cache"
+        try:
+            path = _verified(where, stem, real_size)
+            lib = _open(path, real_size)
+        except FileNotFoundError:
+            lib = None
+            origin = "built"
+        except _Stale as stale:
+            lib = None
+            origin = f"rebuilt ({stale})"
+            _warn_once(f"stale-{stem}", f"transnext: {stale}; the native kernel is rebuilt.")
+        if lib is None:
+            try:
+                path = _build(cc, args, where, stem, real_size)
+            except RuntimeError as exc:
+                errors.append(f"{' '.join(flags) or 'default flags'}: {exc}")
                 continue
-            os.replace(tmp, target)
-        lib = ctypes.CDLL(str(target))
-        fn = lib.transnext_aggregated_attention_forward
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 14
-        lib.transnext_native_vector_length.restype = ctypes.c_int
-        bwd = lib.transnext_aggregated_attention_backward
-        bwd.restype = ctypes.c_int
-        bwd.argtypes = [ctypes.c_void_p] * 21 + [ctypes.c_int64] * 14
-        lib.transnext_bias_table.restype = ctypes.c_int
-        lib.transnext_bias_table.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9
+            try:
+                lib = _open(_verified(where, stem, real_size), real_size)
+            except _Stale as stale:  # a fresh build that fails its own checks: report, never loop
+                errors.append(f"{' '.join(flags) or 'default flags'}: {stale}")
+                continue
+            _discard(where, stem, path)
+        _info[dtype] = {"path": str(path), "isa": isa, "origin": origin, "flags": " ".join(args)}
         return lib
     raise RuntimeError("compiling the native kernel failed: " + " | ".join(errors))
 
@@ -119,6 +397,10 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
                 _libs[dtype] = _compile(dtype)
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _errors[dtype] = str(exc)
+                _warn_once("unavailable", (
+                    f"transnext: the native CPU kernel is not available ({dtype}): {exc}. The torch kernels run "
+                    f"instead (same results, slower). To fix it, install a C compiler (cc, gcc or clang) or set CC "
+                    f"to one; set {ENV_VAR}=0 to turn the native kernel off and silence this warning."))
     return _libs.get(dtype)
 
 
@@ -130,6 +412,27 @@ def build_error(dtype: torch.dtype = torch.float32) -> str | None:
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the native kernel runs for ``dtype`` here (compiles it on the first call)."""
     return _enabled() and dtype in _DTYPES and _library(dtype) is not None
+
+
+def status(dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Where the kernel for ``dtype`` stands, building it if needed: ``state`` "loaded" (with
+    ``path``, ``isa`` the instruction set level, ``origin`` cache / built / rebuilt (why), ``flags``),
+    "off" (switched off by the environment) or "unavailable" (with ``reason``)."""
+    if not _enabled():
+        return {"state": "off", "reason": f"{ENV_VAR}={os.environ.get(ENV_VAR)}"}
+    if dtype not in _DTYPES or _library(dtype) is None:
+        return {"state": "unavailable", "reason": _errors.get(dtype, f"no kernel for {dtype}")}
+    return {"state": "loaded", **_info.get(dtype, {})}
+
+
+def describe(dtype: torch.dtype = torch.float32) -> str:
+    """One line on the kernel's status (for ``transnext info``)."""
+    s = status(dtype)
+    if s["state"] == "off":
+        return f"native kernel: off ({s['reason']}); the torch kernels run"
+    if s["state"] == "unavailable":
+        return f"native kernel: not available ({s['reason']}); the torch kernels run"
+    return f"native kernel: {s.get('isa', '?')}, {s.get('origin', 'loaded')}, loaded from {s.get('path', '?')}"
 
 
 def supports(q: Tensor, window: int) -> bool:

@@ -443,3 +443,10 @@ int transnext_bias_table(const REAL *mlpt, const int64_t *ix, const REAL *wx, RE
 }
 
 int transnext_native_vector_length(void) { return VL; }
+
+/* Checked by the loader before any other entry point is called: a library built from another
+ * revision of this file (other argument lists) or for the other element type is rebuilt, never
+ * called. Bump TRANSNEXT_NATIVE_ABI (and ABI_VERSION in __init__.py) when a prototype changes. */
+#define TRANSNEXT_NATIVE_ABI 1
+int transnext_native_abi_version(void) { return TRANSNEXT_NATIVE_ABI; }
+int transnext_native_real_size(void) { return (int)sizeof(REAL); }
