@@ -315,3 +315,16 @@ def test_load_reference_checkpoint_names_mmdet_keys_in_errors(tmp_path: Path) ->
         rc.load_reference_checkpoint(_build(), path)
     with pytest.raises(CheckpointError, match="an mmdet Mask R-CNN checkpoint; it loads into a Mask R-CNN"):
         rc.load_reference_checkpoint(torch.nn.Linear(2, 2), CKPT)
+
+
+def test_published_transnext_tiny_layout_converts_to_the_default_model() -> None:
+    """Every key and shape of the published Mask R-CNN 1x TransNeXt-Tiny layout (mmdet, 47.86M parameters) has its place."""
+    shapes = json.loads((DATA / "mmdet_maskrcnn_transnext_tiny_shapes.json").read_text())
+    converted = convert_mmdet_maskrcnn({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    with torch.device("meta"):
+        own = maskrcnn_transnext("transnext_tiny", num_classes=81, reference=True).state_dict()
+    assert sorted(converted) == sorted(own)
+    bad = [(k, tuple(converted[k].shape), tuple(own[k].shape)) for k in own if converted[k].shape != own[k].shape]
+    assert not bad, f"shape mismatches: {bad[:5]}"
+    # the background rows added for torchvision: 1024 * 4 + 4 box regression values, 256 + 1 mask logits
+    assert sum(v.numel() for v in own.values()) - sum(torch.Size(s).numel() for s in shapes.values()) == 4100 + 257
