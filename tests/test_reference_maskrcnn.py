@@ -24,6 +24,7 @@ from transnext.dense.reference_mmdet import (  # noqa: E402
     MMDetAnchorGenerator,
     MMDetRoIAlign,
     MMDetRoIHeads,
+    MMDetTransform,
     convert_mmdet_maskrcnn,
     load_mmdet_checkpoint,
     paste_masks_mmdet,
@@ -270,6 +271,21 @@ def test_box_postprocessing_keeps_small_boxes_like_mmdet() -> None:
     theirs = RoIHeads(*args).postprocess_detections(logits, torch.zeros(2, 12), proposals, [(100, 100)])
     assert len(ours[0][0]) == 2 and len(theirs[0][0]) == 1  # the 0.005 px wide box: mmdet keeps it
     assert ours[2][0].tolist() == [1, 1]
+
+
+def test_resizing_rounds_the_size_like_mmcv() -> None:
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    image = torch.rand(3, 300, 500, generator=torch.Generator().manual_seed(0))
+    args = (800, 1333, [0.0] * 3, [1.0] * 3)
+    ours = MMDetTransform(*args).eval()
+    images, _ = ours([image])
+    assert images.image_sizes == [(800, 1333)]  # mmcv: int(300 * 2.666 + 0.5); torchvision floors to 799
+    assert GeneralizedRCNNTransform(*args).eval()([image])[0].image_sizes == [(799, 1333)]
+    want = torch.nn.functional.interpolate(image[None], size=(800, 1333), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(images.tensors[0, :, :800, :1333], want)
+    boxes = ours.postprocess([{"boxes": torch.tensor([[0.0, 0.0, 1333.0, 800.0]])}], images.image_sizes, [(300, 500)])[0]["boxes"]
+    assert torch.allclose(boxes, torch.tensor([[0.0, 0.0, 500.0, 300.0]]))
 
 
 def test_mask_pasting_follows_mmdet_formula() -> None:

@@ -37,9 +37,11 @@ masks                  ``paste_masks_in_image`` (mask padded by one    :class:`M
                                                                        are ``masks >= 0.5`` (``mask_thr_binary``)
 =====================  ==============================================  ==============================================
 
-Not reproduced (outside the network): mmdet resizes images with OpenCV before normalising them,
-torchvision with ``F.interpolate`` after; parity holds for the same network input. Training
-(assigners, samplers, losses) keeps torchvision's.
+Resizing (:class:`MMDetTransform`): the default floors the resized size (``F.interpolate`` with
+a scale factor); reference mode rounds it as mmcv's ``imrescale`` does (``int(x * s + 0.5)``) and
+resamples to that size. Not reproduced: mmdet resizes the 8-bit image with OpenCV before
+normalising it, we the float image after, so pixels differ slightly (parity holds for the same
+network input). Training (assigners, samplers, losses, multi-scale resizing) keeps torchvision's.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ __all__ = [
     "is_mmdet_maskrcnn",
     "load_mmdet_checkpoint",
     "mmdet_reference_name",
+    "mmdet_resized_size",
     "paste_masks_mmdet",
 ]
 
@@ -330,8 +333,32 @@ def paste_masks_mmdet(masks: Tensor, boxes: Tensor, image_size: tuple[int, int])
     return out
 
 
+def mmdet_resized_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+    """``(h, w)`` after mmcv's ``imrescale`` to ``(long, short)`` keeping the ratio: rounded to nearest, not floored."""
+    scale = min(long / max(height, width), short / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 class MMDetTransform(GeneralizedRCNNTransform):
-    """torchvision's ``GeneralizedRCNNTransform`` pasting masks as mmdet does (:func:`paste_masks_mmdet`)."""
+    """torchvision's ``GeneralizedRCNNTransform`` resizing and pasting masks as mmdet does at test time.
+
+    The resized size is mmcv's (:func:`mmdet_resized_size`; torchvision floors, e.g. 799 instead
+    of 800 rows for a 300x500 image); the image is resampled bilinearly with half-pixel centres
+    like OpenCV's ``INTER_LINEAR``, but on the float image where mmdet resizes the 8-bit one, so
+    the pixels are close, not identical. Masks: :func:`paste_masks_mmdet`. Training keeps
+    torchvision's resizing (its random choice among several ``min_size``).
+    """
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if self.training or self.fixed_size is not None:
+            return super().resize(image, target)
+        h, w = image.shape[-2:]
+        size = mmdet_resized_size(h, w, int(self.min_size[-1]), int(self.max_size))
+        if size != (h, w):
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if target is not None and "boxes" in target:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
+        return image, target
 
     def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
                     original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
