@@ -6,6 +6,7 @@ The data (tests/data/reference_upernet, see its README.md) was made by mmsegment
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,16 @@ def test_pickle_with_code_is_refused_without_running_it(raw_checkpoint, tmp_path
 def test_missing_file_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="reference checkpoint not found"):
         load_reference_checkpoint(tiny_upernet(), tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("variant", ["transnext_tiny", "transnext_small", "transnext_base"])
+def test_published_full_size_layouts_convert_onto_our_models(variant: str) -> None:
+    # names and shapes of the reference's ADE20K segmentors (150 classes, channels 512 / 256), as mmseg builds them
+    layout = json.loads((DATA / "upernet_keys.json").read_text())[variant]
+    converted = convert_mmseg_upernet({k: torch.empty(shape, device="meta") for k, shape in layout.items()})
+    with torch.device("meta"):
+        model = upernet_transnext(variant, num_classes=150)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in converted.items()}
+    assert set(theirs) == set(ours), f"not ours: {sorted(set(theirs) - set(ours))[:5]}; missing: {sorted(set(ours) - set(theirs))[:5]}"
+    assert theirs == ours, [k for k in ours if theirs[k] != ours[k]][:5]
