@@ -150,6 +150,15 @@ def test_strict_report_names_missing_unexpected_and_misshaped_keys(tmp_path: Pat
     assert "rpn.head.conv.0.0.weight (checkpoint (8, 32, 3, 3), model (32, 32, 3, 3))" in text
 
 
+def test_class_count_mismatch_says_which_num_classes() -> None:
+    bb = json.loads(_meta()["backbone"])
+    m = maskrcnn_transnext("transnext_tiny", num_classes=5, fpn_channels=32, representation_size=32, mask_layers=(32,) * 4,
+                           reference=True, backbone_kwargs={k: (tuple(v) if isinstance(v, list) else v) for k, v in bb.items()
+                                                            if k not in ("patch_size", "drop_rate", "qkv_bias")})
+    with pytest.raises(CheckpointError, match=r"shape mismatches .*The checkpoint has 80 classes, the model 4 .*num_classes=81"):
+        load_mmdet_checkpoint(m, CKPT)
+
+
 def test_class_agnostic_or_headless_state_dicts_are_explained() -> None:
     sd = load_file(str(CKPT))
     agnostic = dict(sd, **{"roi_head.bbox_head.fc_reg.weight": torch.zeros(4, 32), "roi_head.bbox_head.fc_reg.bias": torch.zeros(4)})
@@ -344,3 +353,20 @@ def test_published_transnext_tiny_layout_converts_to_the_default_model() -> None
     assert not bad, f"shape mismatches: {bad[:5]}"
     # the background rows added for torchvision: 1024 * 4 + 4 box regression values, 256 + 1 mask logits
     assert sum(v.numel() for v in own.values()) - sum(torch.Size(s).numel() for s in shapes.values()) == 4100 + 257
+
+
+def test_reference_mode_trains() -> None:
+    """Fine-tuning a converted checkpoint: the reference components also serve torchvision's training losses."""
+    m = _build()
+    load_mmdet_checkpoint(m, CKPT)
+    m.train()
+    m.transform.min_size, m.transform.max_size = (96,), 128
+    masks = torch.zeros(1, 96, 128, dtype=torch.uint8)
+    masks[0, 20:60, 30:90] = 1
+    target = {"boxes": torch.tensor([[30.0, 20.0, 90.0, 60.0]]), "labels": torch.tensor([3]), "masks": masks}
+    losses = m([torch.randn(3, 96, 128, generator=torch.Generator().manual_seed(0))], [target])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert m.roi_heads.box_predictor.cls_score.weight.grad is not None

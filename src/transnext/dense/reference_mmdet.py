@@ -222,7 +222,15 @@ def load_mmdet_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str
         if str(path) in str(e):
             raise
         raise CheckpointError(f"{path}: {e}") from None
-    return load_state_dict_into(model, converted, str(path), strict=True, filter_fn=None)
+    try:
+        return load_state_dict_into(model, converted, str(path), strict=True, filter_fn=None)
+    except CheckpointError as e:
+        own = model.state_dict().get("roi_heads.box_predictor.cls_score.weight")
+        theirs = converted["roi_heads.box_predictor.cls_score.weight"]
+        if own is None or own.shape[0] == theirs.shape[0]:
+            raise
+        raise CheckpointError(f"{e}. The checkpoint has {theirs.shape[0] - 1} classes, the model {own.shape[0] - 1} (+ background): "
+                              f"build it with num_classes={theirs.shape[0]}") from None
 
 
 class MMDetAnchorGenerator(AnchorGenerator):
