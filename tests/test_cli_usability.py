@@ -137,9 +137,10 @@ def test_cam_rows_do_not_overlap(monkeypatch, tmp_path: Path) -> None:
 
     figs = []
     monkeypatch.setattr(plot, "_save", lambda fig, path, dpi: figs.append(fig) or Path(path))
-    results = [CamResult({"gradcam": torch.rand(16, 16), "eigencam": torch.rand(16, 16)}, 1, [(1, 0.5), (2, 0.3), (0, 0.2)])
+    # tall images and five labels: the old fixed-size grid ran each row's title into the row above
+    results = [CamResult({"gradcam": torch.rand(32, 20), "eigencam": torch.rand(32, 20)}, 1, [(k, 0.2) for k in range(5)])
                for _ in range(3)]
-    plot.plot_cam(torch.rand(3, 3, 16, 16), results, ["a", "b", "c"], tmp_path / "x.png", ["n0", "n1", "n2"])
+    plot.plot_cam(torch.rand(3, 3, 32, 20), results, ["great white shark", "b", "c", "d", "e"], tmp_path / "x.png", ["n0", "n1", "n2"])
     fig = figs[0]
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
