@@ -370,3 +370,14 @@ def test_reference_mode_trains() -> None:
     assert torch.isfinite(total)
     total.backward()
     assert m.roi_heads.box_predictor.cls_score.weight.grad is not None
+
+
+def test_no_detection_gives_empty_outputs(model) -> None:
+    model.roi_heads.score_thresh = 1.0  # no softmax score exceeds it
+    model.transform.min_size, model.transform.max_size = (96,), 128
+    try:
+        with torch.no_grad():
+            out = model([torch.randn(3, 96, 128, generator=torch.Generator().manual_seed(0))])[0]
+    finally:
+        model.roi_heads.score_thresh = 0.05
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (0, 4), "labels": (0,), "scores": (0,), "masks": (0, 1, 96, 128)}
