@@ -130,6 +130,14 @@ def test_cam_takes_positional_images_and_the_checkpoints_model_and_transform(cls
     assert _top_labels(r2.stdout.splitlines()) == cam
 
 
+def test_attention_uses_the_model_the_checkpoint_records(cls_setup: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "attn.png"
+    r = run_cli("visualize", "attention", "--checkpoint", str(cls_setup / "tiny.pth"), "--img-size", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "fovea weight" in r.stdout and out.is_file() and "randomly initialised" not in r.stderr
+
+
 def test_cam_rows_do_not_overlap(monkeypatch, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from transnext.visualize import plot

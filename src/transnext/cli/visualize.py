@@ -165,13 +165,23 @@ def _attention(args: argparse.Namespace) -> int:
 def _load_transnext(args: argparse.Namespace):
     from ..visualize import load_model
 
-    if args.model is None:
-        args.model = "transnext_tiny"
-    _weights_note(args, [args.model])
     kwargs = dict(fixed_pool_size=args.fixed_pool_size, pos_bias=args.pos_bias)
     if getattr(args, "num_classes", None):
         kwargs["num_classes"] = args.num_classes
-    lm = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
+    if args.checkpoint and args.model is None:
+        # the model the checkpoint records (naming one would rebuild that variant instead)
+        from ..engine.modeling import model_from_checkpoint
+        from ..visualize._common import LoadedModel
+
+        model, info = model_from_checkpoint(args.checkpoint, **{k: v for k, v in kwargs.items() if v is not None})
+        dc = info.get("data_cfg") or {}
+        lm = LoadedModel(model.eval(), model.arch["model"], tuple(dc.get("mean") or IMAGENET_MEAN), tuple(dc.get("std") or IMAGENET_STD),
+                         info.get("classes"))
+    else:
+        if args.model is None:
+            args.model = "transnext_tiny"
+        _weights_note(args, [args.model])
+        lm = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
     from ..models.transnext import TransNeXt
 
     if not isinstance(lm.model, TransNeXt):
