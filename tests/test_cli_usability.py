@@ -316,3 +316,22 @@ def test_detection_overlay_labels_inside(det_checkpoint: Path, tmp_path: Path) -
     imgs = _images(tmp_path / "imgs", n=1, size=(96, 64))
     recs = workflow.predict_detection(det_checkpoint, [imgs], tmp_path / "p", score_thresh=0.0, device="cpu")
     assert recs[0]["detections"] and Image.open(recs[0]["overlay"]).size == (96, 64)
+
+
+def test_classification_print_config_needs_no_data(capsys):
+    from transnext.cli.main import main
+
+    assert main(["train", "--preset", "tiny", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"] == "transnext_tiny" and cfg["data_dir"] in (None, "")
+
+
+def test_mask_rcnn_keeps_the_recorded_detections_per_image():
+    pytest.importorskip("torchvision")
+    from transnext.dense.config import DetectionConfig, resolve_dense_config
+    from transnext.dense.modeling import build_dense_model, dense_arch
+
+    cfg = resolve_dense_config(DetectionConfig, "detect_demo", None, {"detections_per_img": 12, "backbone_weights": None},
+                               require_data=False)
+    model = build_dense_model(dense_arch(cfg, 11, "detect"))
+    assert model.roi_heads.detections_per_img == 12  # was torchvision's 100: the keyword vanished

@@ -261,8 +261,12 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Preset (or the preset of ``overrides['model']``) < config file < explicit overrides."""
+def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                   require_data: bool = True) -> TrainConfig:
+    """Preset (or the preset of ``overrides['model']``) < config file < explicit overrides.
+
+    ``require_data=False`` accepts a missing ``data_dir`` (to print a recipe without its data).
+    """
     from .presets import get_preset, preset_for_model
 
     file_opts = load_config_file(file) if file else {}
@@ -274,7 +278,7 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     base = get_preset(preset) if preset else {}
     merged = {**base, **file_opts, **overrides}
     merged["preset"] = preset
-    return TrainConfig.from_dict(merged)
+    return TrainConfig.from_dict(merged, require_data=require_data)
 
 
 # ---------------------------------------------------------------------- argparse
@@ -345,4 +349,5 @@ def _json_dict(s: str) -> dict:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return resolve_config(getattr(args, "preset", None), getattr(args, "config", None), overrides)
+    return resolve_config(getattr(args, "preset", None), getattr(args, "config", None), overrides,
+                          require_data=not getattr(args, "print_config", False))
