@@ -117,6 +117,22 @@ def test_mmseg1_wrapper_in_memory_and_safetensors_file(raw_checkpoint, tmp_path,
     assert not bad, _fmt(errs)
 
 
+def test_mmcv1_training_checkpoint_layout_loads(raw_checkpoint, tmp_path) -> None:
+    # what mmseg 0.30 training writes (mmcv 1.x save_checkpoint): metadata with a NumPy score, AdamW state
+    np = pytest.importorskip("numpy")
+    sd = raw_checkpoint["state_dict"]
+    w = sd["decode_head.conv_seg.weight"]
+    meta = {"env_info": "sys.platform: linux", "seed": 0, "exp_name": "upernet.py", "mmseg_version": "0.30.0", "config": "model = dict()",
+            "CLASSES": ("a", "b", "c", "d"), "PALETTE": [[0, 0, 0]] * 4, "epoch": 1, "iter": 160000, "mmcv_version": "1.7.1",
+            "time": "Mon Jan  1 00:00:00 2024", "hook_msgs": {"last_ckpt": "iter_160000.pth", "best_score": np.float64(0.5)}}
+    optimizer = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w)}},
+                 "param_groups": [{"lr": 6e-5, "betas": (0.9, 0.999), "weight_decay": 0.05, "params": [0]}]}
+    path = tmp_path / "iter_160000.pth"
+    torch.save({"meta": meta, "state_dict": sd, "optimizer": optimizer}, path)
+    report = load_reference_checkpoint(tiny_upernet(), path)
+    assert report["kind"] == "mmseg_upernet" and report["classes"] == ["a", "b", "c", "d"] and not report["missing_keys"]
+
+
 def test_mis_shaped_key_is_named_in_both_namings_with_the_class_hint(raw_checkpoint) -> None:
     sd = dict(raw_checkpoint["state_dict"])
     sd["decode_head.conv_seg.weight"] = torch.zeros(5, 12, 1, 1)
