@@ -1,7 +1,9 @@
 """``transnext convert IN OUT``: between ``.pth`` and ``.safetensors`` (direction by suffix).
 
-Training checkpoints are reduced to their state dict (``{'model': ...}`` unwrapped, ``module.``
-prefixes stripped) and their model record, classes and data settings (kept as safetensors
+Published mmdet Mask R-CNN and mmseg UPerNet checkpoints become transnext detection / segmentation
+checkpoints with their model record (:mod:`transnext.dense.reference_import`). Other training
+checkpoints are reduced to their state dict (``{'model': ...}`` unwrapped, ``module.`` prefixes
+stripped) and their model record, classes and data settings (kept as safetensors
 metadata, or beside ``model`` in a ``.pth``), so that ``transnext predict`` / ``eval`` take the
 converted file as they take the original. Other output suffixes are refused (ONNX:
 ``transnext export onnx``); files that would need arbitrary pickled objects are refused.
@@ -19,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", metavar="NAME",
                         help="check that the weights load strictly into this variant (e.g. transnext_tiny)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument("--extrapolation", action="store_true",
+                        help="reference UPerNet checkpoints of the *_ms_extrapolation configs (extrapolated position bias)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +36,18 @@ def run(args: argparse.Namespace) -> int:
     if dst.exists() and not args.force:
         print(f"transnext convert: error: {dst} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
+    if _is_reference_dense(args.src):
+        from ..dense.reference_import import import_reference_checkpoint
+
+        info = import_reference_checkpoint(args.src, dst, variant=args.variant, extrapolation=args.extrapolation)
+        command = "detect" if info["task"] == "detect" else "segment"
+        named = f", {len(info['classes'])} class names" if info["classes"] else ""
+        print(f"wrote {info['path']}: {info['kind']} reference checkpoint as a transnext {info['variant']} "
+              f"{'Mask R-CNN (mmdet test-time mode)' if command == 'detect' else 'UPerNet'} with {info['num_classes']} classes{named}; "
+              f"use it with 'transnext {command} eval|predict --checkpoint {info['path']}'")
+        return 0
+    if args.extrapolation:
+        raise ValueError("--extrapolation applies to reference UPerNet checkpoints only")
     if args.variant:
         from ..models.registry import create_model
 
@@ -50,3 +66,16 @@ def run(args: argparse.Namespace) -> int:
 def _num_classes(state_dict) -> int:
     head = state_dict.get("head.weight")
     return int(head.shape[0]) if head is not None else 0
+
+
+def _is_reference_dense(path: str) -> bool:
+    """A published mmdet / mmseg dense checkpoint (converted with its model record instead of tensor by tensor)."""
+    from ..checkpoints import load_state_dict
+
+    try:
+        state_dict = load_state_dict(path)
+    except Exception:  # noqa: BLE001 - the regular conversion reports unreadable files in its own words
+        return False
+    from ..dense.reference_import import is_reference_checkpoint
+
+    return is_reference_checkpoint(state_dict)

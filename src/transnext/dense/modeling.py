@@ -73,6 +73,8 @@ def build_dense_model(arch: dict[str, Any], backbone_weights: Any = None, grad_c
     if detector == "mask_rcnn":
         # torchvision's two-stage detectors name it box_detections_per_img; an unknown keyword would vanish in **kwargs
         kwargs["box_detections_per_img"] = kwargs.pop("detections_per_img")
+        if arch.get("reference"):  # a converted mmdet checkpoint: mmdet's test-time computation
+            kwargs["reference"] = True
         return maskrcnn_transnext(arch["variant"], representation_size=arch.get("representation_size"),
                                   mask_layers=tuple(arch["mask_layers"]) if arch.get("mask_layers") else None,
                                   box_score_thresh=arch["box_score_thresh"], **common, **kwargs)
