@@ -7,11 +7,13 @@
 * :func:`maskrcnn_transnext`, :func:`retinanet_transnext`, :func:`fcos_transnext`: torchvision
   detectors on a TransNeXt + FPN trunk;
 * :func:`upernet_transnext`: UPerNet (PPM + FPN fusion, auxiliary FCN head) as in the reference;
-  :func:`load_reference_checkpoint` loads the reference's published mmseg UPerNet checkpoints into it;
+* :func:`load_reference_checkpoint` loads the reference's published mmseg UPerNet and mmdet Mask R-CNN
+  checkpoints (the latter into ``maskrcnn_transnext(..., reference=True)``, mmdet's test-time computation);
+  :func:`import_reference_checkpoint` writes them as checkpoints the dense commands read;
 * segmentation_models_pytorch: ``smp.UPerNet("tu-transnext_tiny", ...)`` works through the timm
   registration; :func:`transnext.integrations.smp.register_encoders` adds native encoder names.
 
-Training recipes (:data:`transnext.dense.recipes.DENSE_RECIPES`), metrics
+Training recipes (:data:`transnext.dense.config.DENSE_RECIPES`), metrics
 (:mod:`transnext.dense.metrics`) and inference modes (:mod:`transnext.dense.inference`) live in
 the submodules; torchvision is imported only when a detector is built.
 """
@@ -19,6 +21,7 @@ the submodules; torchvision is imported only when a detector is built.
 from .backbone import DENSE_PRESETS, DensePreset, TransNeXtBackbone, TransNeXtFPN, create_backbone, create_fpn_backbone
 from .detection import build_trunk, fcos_transnext, maskrcnn_transnext, retinanet_transnext
 from .reference_checkpoints import load_reference_checkpoint
+from .reference_import import import_reference_checkpoint
 from .upernet import FCNHead, UPerHead, UPerNet, segmentation_loss, upernet_transnext
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "create_backbone",
     "create_fpn_backbone",
     "fcos_transnext",
+    "import_reference_checkpoint",
     "load_reference_checkpoint",
     "maskrcnn_transnext",
     "retinanet_transnext",
