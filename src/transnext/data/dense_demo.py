@@ -1,11 +1,12 @@
 """A small dense demo data set, composed at run time from the embedded animal silhouettes.
 
-Each scene is a ``size x size`` RGB image: a procedural textured background (smooth colour
+Each scene is a ``size x size`` RGB image: a dark procedural textured background (smooth colour
 noise, stripes or checks) with 1-3 animals pasted on it, each a silhouette from
-``demo_animals.npz`` scaled to 1/4-9/16 of the image side (32-72 px at 128), flipped at random
-and filled with its own textured colour. Later animals may occlude earlier ones; an instance that keeps less than 35% of its pixels
-(or fewer than 40) is dropped. Everything follows from ``seed``: the same call writes the same
-files.
+``demo_animals.npz`` scaled to 5/16-5/8 of the image side (40-80 px at 128), flipped at random
+and filled with its own bright, faintly textured colour: bright shapes on a dark ground, as the
+silhouettes the demo trunk is pretrained on (``transnext demo``). Later animals may occlude
+earlier ones; an instance that keeps less than 35% of its pixels (or fewer than 40) is dropped.
+Everything follows from ``seed``: the same call writes the same files.
 
 :func:`write_dense_demo` writes the three splits in both formats under one root::
 
@@ -34,11 +35,14 @@ __all__ = ["DENSE_DEMO_SPLITS", "SEGMENT_DEMO_CLASSES", "compose_scene", "ensure
 
 DENSE_DEMO_SPLITS = {"train": 800, "val": 48, "test": 96}
 SEGMENT_DEMO_CLASSES = ("background", *DEMO_CLASSES)
-_VERSION = 3
+BG_RANGE, BG_TEXTURE = (10, 110), 0.6  # background base colour per channel (0-255), texture amplitude
+FG_RANGE, FG_TEXTURE = (150, 255), 0.4  # the animals'
+SIDE_RANGE = (5 / 16, 5 / 8)  # side of an animal's (square) silhouette, as a fraction of the scene side
+_VERSION = 4
 
 
-def _texture(rng: Any, size: int, base: Any, kind: int) -> Any:
-    """An HxWx3 float texture around colour ``base`` (0-255)."""
+def _texture(rng: Any, size: int, base: Any, kind: int, amplitude: float = 1.0) -> Any:
+    """An HxWx3 float texture around colour ``base`` (0-255); ``amplitude`` scales its pattern."""
     import numpy as np
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -58,7 +62,7 @@ def _texture(rng: Any, size: int, base: Any, kind: int) -> Any:
         s = (((yy // cell) + (xx // cell)) % 2 * 2 - 1)[..., None]
         tex = s * rng.integers(10, 40, size=3).astype(np.float32)
     noise = rng.normal(0, 8, size=(size, size, 3)).astype(np.float32)
-    return np.clip(base[None, None, :] + tex + noise, 0, 255)
+    return np.clip(base[None, None, :] + amplitude * tex + noise, 0, 255)
 
 
 def compose_scene(rng: Any, silhouettes: Any, labels: Any, size: int = 128) -> dict[str, Any]:
@@ -66,14 +70,15 @@ def compose_scene(rng: Any, silhouettes: Any, labels: Any, size: int = 128) -> d
     import numpy as np
     from PIL import Image
 
-    bg = _texture(rng, size, rng.uniform(40, 215, size=3).astype(np.float32), int(rng.integers(0, 3)))
+    # dark textured background, bright animals: the polarity of the silhouettes the demo trunk was trained on
+    bg = _texture(rng, size, rng.uniform(BG_RANGE[0], BG_RANGE[1], size=3).astype(np.float32), int(rng.integers(0, 3)), BG_TEXTURE)
     image = bg
     owner = np.full((size, size), -1, dtype=np.int64)
     full_area: list[int] = []
     cls: list[int] = []
     for k in range(int(rng.integers(1, 4))):
         i = int(rng.integers(0, len(silhouettes)))
-        side = int(rng.integers(size // 4, size * 9 // 16 + 1))  # 32-72 px at 128
+        side = int(rng.integers(int(size * SIDE_RANGE[0]), int(size * SIDE_RANGE[1]) + 1))  # 40-80 px at 128
         sil = Image.fromarray(silhouettes[i]).resize((side, side), Image.BILINEAR)
         m = np.asarray(sil) > 127
         if rng.random() < 0.5:
@@ -84,10 +89,8 @@ def compose_scene(rng: Any, silhouettes: Any, labels: Any, size: int = 128) -> d
         m = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
         h, w = m.shape
         y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        if np.abs(colour - bg.mean((0, 1))).sum() < 120:  # keep animals visibly apart from the background
-            colour = 255 - colour
-        fg = _texture(rng, size, colour, int(rng.integers(0, 3)))
+        colour = rng.uniform(FG_RANGE[0], FG_RANGE[1], size=3).astype(np.float32)
+        fg = _texture(rng, size, colour, int(rng.integers(0, 3)), FG_TEXTURE)
         canvas = np.zeros((size, size), dtype=bool)
         canvas[y0:y0 + h, x0:x0 + w] = m
         image = np.where(canvas[..., None], fg, image)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..engine.config import TrainConfig, load_config_file
+from ..engine.presets import DEMO_ARCH
 
 __all__ = [
     "DENSE_RECIPES",
@@ -190,12 +191,17 @@ _UPERNET_160K: dict[str, Any] = dict(
     train_split="training", val_split="validation",
 )
 
-# Small trunk for the embedded demo scenes (128x128, 10 animal classes).
-DEMO_TRUNK: dict[str, Any] = dict(embed_dims=(24, 48, 96, 192), num_heads=(1, 2, 4, 8), depths=(1, 1, 2, 1), mlp_ratios=(4, 4, 4, 4))
+# The demos' trunk is the classification demo's model (``transnext demo``: DEMO_ARCH), with its position bias as
+# trained there (extrapolated, coordinates normalised by a 64 px grid). ``transnext detect|segment demo`` start it
+# from that demo's trained weights (silhouettes of the classification training split only), cached per user and
+# trained on the fly when missing (transnext.dense.workflow.demo_backbone); ``train --preset *_demo`` starts it
+# from --backbone-weights or random.
+DEMO_TRUNK: dict[str, Any] = dict(DEMO_ARCH)
 
 _DEMO_COMMON: dict[str, Any] = dict(
-    _DENSE_COMMON, dataset="demo", model="transnext_micro", model_kwargs=DEMO_TRUNK, img_size=128, pretrain_size=128,
-    drop_path=0.0, total_batch_size=None, opt="adamw", weight_decay=0.05, sched="cosine", warmup_steps=30, warmup_lr=1e-5,
+    _DENSE_COMMON, dataset="demo", model="transnext_micro", model_kwargs=DEMO_TRUNK, img_size=128, pretrain_size=64,
+    pos_bias="extrapolate", drop_path=0.0, total_batch_size=None, opt="adamw", weight_decay=0.05, sched="cosine",
+    warmup_steps=30, warmup_lr=1e-5,
     min_lr=1e-5, clip_grad=5.0, amp="none", num_workers=1, threads=1, train_split="train", val_split="val",
     test_split="test", log_every=10, reference_no_decay=False,
 )
@@ -211,17 +217,18 @@ DENSE_RECIPES: dict[str, dict[str, Any]] = {
     "detect_demo": dict(
         _DEMO_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", min_size=(128,), max_size=128, fpn_channels=64,
         anchor_sizes=(16, 32, 64, 128, 256),  # the reference anchors, scaled to 128 px scenes
-        representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=3, lr=1e-3, hflip=0.5, output="runs/detect_demo",
+        representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=3, lr=1e-3, backbone_lr_mult=0.3, hflip=0.5,
+        output="runs/detect_demo",
         detections_per_img=50,
         detector_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
                              rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),
     ),
     "segment_demo": dict(
-        # animals against background (foreground_only: the 10-way identity of the animals needs far more than a
-        # CPU budget of minutes); 64 px crops (largest class <= 75% of a crop, as the reference crops) of the
-        # scenes resized to 96-192 px
-        _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=2, foreground_only=True, crop_size=64,
-        resize_scale=(128, 128), ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=16, epochs=14, lr=5e-4,
+        # all 11 classes (background + the 10 animals); whole scenes resized to 96-192 px, 96 px crops (largest class
+        # <= 75% of a crop, as the reference crops)
+        _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=11, foreground_only=False, crop_size=96,
+        resize_scale=(128, 128), ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=16, epochs=8, lr=2e-3,
+        backbone_lr_mult=0.3,
         output="runs/segment_demo",
     ),
 }

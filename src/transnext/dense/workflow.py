@@ -363,8 +363,62 @@ def segmentation_baseline(train_set: Any, test_set: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- demos
+DEMO_BACKBONE = "demo"  # backbone_weights naming the classification demo's trained TransNeXt (demo_backbone), the demos' default
+
+
+def demo_backbone_cache() -> Path:
+    """Where :func:`demo_backbone` keeps its model: ``$TRANSNEXT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/transnext``, else
+    ``~/.cache/transnext``) ``/demo_backbone``."""
+    import os
+
+    root = os.environ.get("TRANSNEXT_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = os.path.join(xdg, "transnext") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "transnext")
+    return Path(root) / "demo_backbone"
+
+
+def demo_backbone(cache_dir: str | Path | None = None, progress: bool = True, overrides: dict[str, Any] | None = None) -> Path:
+    """``best.pth`` of the classification demo (``transnext demo``'s preset), the trunk the dense demos start from.
+
+    It is trained on the silhouettes of the classification training split only (the dense demo's ``val`` and
+    ``test`` scenes use other silhouettes), once per user: the result is kept under ``cache_dir`` (default
+    :func:`demo_backbone_cache`), in a folder named after the preset, so a changed preset trains anew. An
+    interrupted training resumes from its ``last.pth`` on the next call.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    from ..engine.config import resolve_config
+    from ..engine.presets import PRESETS
+    from ..engine.trainer import train
+
+    opts = {**PRESETS["demo"], **(overrides or {})}
+    key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else demo_backbone_cache()
+    final = root / f"cls_demo_{key}"
+    if (final / "best.pth").is_file():
+        return final / "best.pth"
+    work = root / f"cls_demo_{key}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    _say(f"      no trained demo backbone in {root} yet: training the classification demo once "
+         f"({opts['epochs']} epochs on the silhouettes of its training split; later runs reuse it)")
+    cfg = resolve_config("demo", None, {**(overrides or {}), "output": str(work), "progress": progress, "resume": "auto"})
+    train(cfg)
+    (work / "last.pth").unlink(missing_ok=True)  # the optimizer state is not needed for the trunk
+    try:
+        os.replace(work, final)
+    except OSError:  # another process finished first
+        if not (final / "best.pth").is_file():
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+    return final / "best.pth"
+
+
 def _demo_common(kind: str, output: str | Path, epochs: int | None, resume: str | None, progress: bool, config: str | None,
                  extra: dict[str, Any] | None) -> tuple[Any, Path]:
+    from ..engine.config import load_config_file
     from .config import DetectionConfig, SegmentationConfig, resolve_dense_config
 
     out = Path(output)
@@ -374,11 +428,23 @@ def _demo_common(kind: str, output: str | Path, epochs: int | None, resume: str 
     if resume:
         overrides["resume"] = resume
     cls = DetectionConfig if kind == "detect" else SegmentationConfig
-    return resolve_dense_config(cls, f"{kind}_demo", config, overrides), out
+    cfg = resolve_dense_config(cls, f"{kind}_demo", config, overrides)
+    # the trunk starts from the classification demo's trained model unless the options name weights
+    # (``backbone_weights: null`` in --config: random initialisation)
+    named = "backbone_weights" in overrides or (config is not None and "backbone_weights" in load_config_file(config))
+    if cfg.backbone_weights == DEMO_BACKBONE or (not named and not cfg.backbone_weights):
+        cfg.backbone_weights = str(demo_backbone(progress=progress))
+    return cfg, out
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _trunk_start(cfg: Any) -> str:
+    if not cfg.backbone_weights:
+        return "random initialisation"
+    return f"from {cfg.backbone_weights}"
 
 
 def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None = None, resume: str | None = None, progress: bool = True,
@@ -397,7 +463,8 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
     counts = json.loads((data / "demo_manifest.json").read_text())["counts"]
     _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in counts.items())} images, "
          f"{time.perf_counter() - t0:.0f} s)")
-    _say(f"[2/4] training {cfg.detector} on a small {cfg.model}-style trunk ({cfg.epochs} epochs, {cfg.max_size} px) -> {out}")
+    _say(f"[2/4] training {cfg.detector} on a small {cfg.model}-style trunk ({_trunk_start(cfg)}; {cfg.epochs} epochs, "
+         f"{cfg.max_size} px) -> {out}")
     summary = train_detector(cfg)
     t_train = time.perf_counter() - t0
     _say("[3/4] scoring best.pth on the held-out test split (not used for checkpoint selection)")
@@ -423,7 +490,7 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
         "class_agnostic_bbox_AP": agnostic["AP"], "class_agnostic_bbox_AP50": agnostic["AP50"],
         "baseline_class_agnostic_bbox_AP": agnostic_base["AP"], "baseline_class_agnostic_bbox_AP50": agnostic_base["AP50"],
         "best_val": summary["best_metrics"], "train_time_s": t_train, "total_time_s": total, "epochs": cfg.epochs,
-        "checkpoint": str(out / "best.pth"), "predictions": str(out / "predictions"),
+        "backbone_weights": cfg.backbone_weights, "checkpoint": str(out / "best.pth"), "predictions": str(out / "predictions"),
     }
     _write_text(out / "demo_summary.json", json.dumps(result, indent=2, default=str))
     print(detection_markdown(res["coco"], "held-out test split"), end="")
@@ -452,7 +519,8 @@ def segmentation_demo(output: str | Path = "runs/segment_demo", epochs: int | No
     counts = json.loads((data / "demo_manifest.json").read_text())["counts"]
     _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in counts.items())} images, "
          f"{time.perf_counter() - t0:.0f} s)")
-    _say(f"[2/4] training UPerNet on a small {cfg.model}-style trunk ({cfg.epochs} epochs, {cfg.crop_size} px crops) -> {out}")
+    _say(f"[2/4] training UPerNet on a small {cfg.model}-style trunk ({_trunk_start(cfg)}; {cfg.epochs} epochs, "
+         f"{cfg.crop_size} px crops) -> {out}")
     summary = train_segmenter(cfg)
     t_train = time.perf_counter() - t0
     _say("[3/4] scoring best.pth on the held-out test split (not used for checkpoint selection)")
@@ -471,7 +539,7 @@ def segmentation_demo(output: str | Path = "runs/segment_demo", epochs: int | No
         "baseline_mIoU": base["mIoU"], "baseline_mAcc": base["mAcc"], "baseline_aAcc": base["aAcc"], "baseline_class": base["class"],
         "test_foreground_IoU": fg_iou, "baseline_foreground_IoU": 0.0,
         "best_val": summary["best_metrics"], "train_time_s": t_train, "total_time_s": total, "epochs": cfg.epochs,
-        "checkpoint": str(out / "best.pth"), "predictions": str(out / "predictions"),
+        "backbone_weights": cfg.backbone_weights, "checkpoint": str(out / "best.pth"), "predictions": str(out / "predictions"),
     }
     _write_text(out / "demo_summary.json", json.dumps(result, indent=2, default=str))
     print(segmentation_markdown(m, "held-out test split"), end="")
