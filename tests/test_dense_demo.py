@@ -155,3 +155,14 @@ def test_segment_demo_trains_eleven_classes(tmp_path: Path) -> None:
     assert ds.num_classes == 11 and list(ds.classes) == list(SEGMENT_DEMO_CLASSES)
     values = np.unique(np.concatenate([ds.load_label(lab).ravel() for _, lab in ds.pairs]))
     assert values.min() == 0 and values.max() >= 2 and values.max() <= 10  # background and animal classes, no merging
+
+
+def test_demo_with_another_trunk_starts_random(fake_cls_training: list, tmp_path: Path) -> None:
+    from transnext.dense.workflow import _demo_common
+
+    small = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
+    cfg, _ = _demo_common("detect", tmp_path / "run", None, None, False, None, {"model_kwargs": small})
+    assert cfg.backbone_weights is None and not fake_cls_training  # the demo weights would not fit: nothing trained
+    cfg, _ = _demo_common("detect", tmp_path / "run", None, None, False, None, {"model_kwargs": {k: list(v) if isinstance(v, tuple) else v
+                                                                                                   for k, v in DEMO_ARCH.items()}})
+    assert Path(cfg.backbone_weights).is_file()  # the demo architecture spelt with lists (YAML) still gets them

@@ -430,9 +430,13 @@ def _demo_common(kind: str, output: str | Path, epochs: int | None, resume: str 
     cls = DetectionConfig if kind == "detect" else SegmentationConfig
     cfg = resolve_dense_config(cls, f"{kind}_demo", config, overrides)
     # the trunk starts from the classification demo's trained model unless the options name weights
-    # (``backbone_weights: null`` in --config: random initialisation)
+    # (``backbone_weights: null`` in --config: random initialisation) or change the trunk's architecture
+    from ..engine.presets import DEMO_ARCH
+
     named = "backbone_weights" in overrides or (config is not None and "backbone_weights" in load_config_file(config))
-    if cfg.backbone_weights == DEMO_BACKBONE or (not named and not cfg.backbone_weights):
+    demo_trunk = cfg.model == "transnext_micro" and {k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in dict(cfg.model_kwargs or {}).items()} == DEMO_ARCH
+    if cfg.backbone_weights == DEMO_BACKBONE or (not named and not cfg.backbone_weights and demo_trunk):
         cfg.backbone_weights = str(demo_backbone(progress=progress))
     return cfg, out
 
