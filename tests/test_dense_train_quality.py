@@ -99,7 +99,7 @@ def test_step_schedule_per_epoch_classification(tmp_path: Path) -> None:
 
 def test_step_schedule_of_a_detection_run(demo_root: Path, tmp_path: Path) -> None:
     # 8 scenes / batch 2 = 4 steps per epoch; the milestones are epochs, the warm-up iterations (as in the 1x recipe)
-    cfg = det_cfg(demo_root, tmp_path / "run", batch_size=2, epochs=3, lr=1e-3, sched="step", decay_milestones=(1, 2),
+    cfg = det_cfg(demo_root, tmp_path / "run", batch_size=2, epochs=3, lr=1e-3, backbone_lr_mult=1.0, sched="step", decay_milestones=(1, 2),
                   warmup_steps=3, warmup_lr=1e-6, eval_every=3, num_workers=0)
     summary = train_detector(cfg)
     assert summary["global_step"] == 12
