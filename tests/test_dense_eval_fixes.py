@@ -14,22 +14,13 @@ pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools", reason="pycocotools is not installed (extra: dense)")
 pytest.importorskip("timm")
 
-from train_helpers import make_image_folder, run_cli, save_tiny_checkpoint, write_corrupt  # noqa: E402
+from train_helpers import DENSE_TRUNK, make_image_folder, one_thread, run_cli, save_tiny_checkpoint, write_corrupt  # noqa: E402,F401
 from transnext.data import DataError  # noqa: E402
 from transnext.data.segmentation import SegmentationDataset, SegmentationEvalTransform, collate_segmentation  # noqa: E402
 from transnext.dense.inference import segment_image, slide_windows  # noqa: E402
 from transnext.dense.workflow import evaluate_detection, evaluate_segmentation  # noqa: E402
 
-TRUNK = dict(embed_dims=(8, 16, 32, 64), num_heads=(1, 1, 2, 4), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2))
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest and steadiest
 
 def _one_line_error(stderr: str, *names: str) -> None:
     """The error is the last line of stderr, alone (progress notes may come before it), naming ``names``."""
@@ -130,7 +121,7 @@ def _seg_checkpoint(path: Path, num_classes: int = 3, ignore_index: int = 255, d
     from transnext.dense.tasks import SegmentationTask
 
     cfg = resolve_dense_config(SegmentationConfig, "segment_demo", None, dict(
-        model_kwargs=TRUNK, img_size=64, pretrain_size=64, channels=16, aux_channels=8, num_classes=num_classes, crop_size=32,
+        model_kwargs=DENSE_TRUNK, img_size=64, pretrain_size=64, channels=16, aux_channels=8, num_classes=num_classes, crop_size=32,
         resize_scale=(48, 32), data_format=data_format, ignore_index=ignore_index, foreground_only=foreground_only))
     torch.manual_seed(0)
     task = SegmentationTask()
@@ -164,7 +155,7 @@ def _labels(ignore: int, offset: int = 0, n: int = 2) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("data_format", ["masks", "ade20k"])
-def test_segment_eval_uses_the_checkpoint_ignore_index(data_format: str, tmp_path: Path, one_thread) -> None:
+def test_segment_eval_uses_the_checkpoint_ignore_index(data_format: str, tmp_path: Path) -> None:
     ck = _seg_checkpoint(tmp_path / "ck.pth", ignore_index=254, data_format=data_format)
     # masks: classes 0..2 and 254 = ignore; ADE20K: classes 1..3 and 0 = ignore (mapped to the checkpoint's 254)
     labels = _labels(254) if data_format == "masks" else _labels(0, offset=1)
@@ -175,7 +166,7 @@ def test_segment_eval_uses_the_checkpoint_ignore_index(data_format: str, tmp_pat
     assert sum(map(sum, res["confusion"])) == labelled and np.isfinite(res["aAcc"])
 
 
-def test_segment_eval_over_no_image_is_an_error(tmp_path: Path, one_thread) -> None:
+def test_segment_eval_over_no_image_is_an_error(tmp_path: Path) -> None:
     ck = _seg_checkpoint(tmp_path / "ck.pth")
     data = _seg_split(tmp_path / "data", [np.full((32, 48), 7, np.uint8)] * 2)  # every value outside the 3 classes
     with pytest.warns(UserWarning, match="outside the 3 classes"), pytest.raises(DataError, match="all 2 image.s. were skipped"):
@@ -213,7 +204,7 @@ def test_foreground_only_refuses_out_of_range_label_values(tmp_path: Path) -> No
         assert ade[1] is None
 
 
-def test_slide_refuses_a_stride_larger_than_the_crop(tmp_path: Path, one_thread) -> None:
+def test_slide_refuses_a_stride_larger_than_the_crop(tmp_path: Path) -> None:
     conv = torch.nn.Conv2d(3, 4, 1)
     conv.num_classes = 4
     x = torch.randn(1, 3, 100, 100)
@@ -248,7 +239,7 @@ def test_nan_scores_are_never_turned_into_classes() -> None:
             segment_image(NaNModel(), x, **kwargs)
 
 
-def test_segment_eval_strict_worker_error_is_one_line(tmp_path: Path, one_thread) -> None:
+def test_segment_eval_strict_worker_error_is_one_line(tmp_path: Path) -> None:
     ck = _seg_checkpoint(tmp_path / "ck.pth")
     data = _seg_split(tmp_path / "data", _labels(255, n=3))
     write_corrupt(data / "images" / "val" / "1.png", "truncated")

@@ -104,11 +104,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
     return proc
 
 
-def train_flags(**overrides) -> list[str]:
-    """TINY_TRAIN (+ overrides) as command-line flags."""
+def options_as_flags(opts: dict) -> list[str]:
+    """Config options as command-line flags (booleans as --x / --no-x, None as "none", dicts as JSON)."""
     import json
 
-    opts = dict(TINY_TRAIN, **overrides)
     flags: list[str] = []
     for k, v in opts.items():
         flag = "--" + k.replace("_", "-")
@@ -118,11 +117,14 @@ def train_flags(**overrides) -> list[str]:
             flags += [flag, json.dumps(v)]
         elif isinstance(v, (list, tuple)):
             flags += [flag, *map(str, v)]
-        elif v is None:
-            flags += [flag, "none"]
         else:
-            flags += [flag, str(v)]
+            flags += [flag, "none" if v is None else str(v)]
     return flags
+
+
+def train_flags(**overrides) -> list[str]:
+    """TINY_TRAIN (+ overrides) as command-line flags."""
+    return options_as_flags(dict(TINY_TRAIN, **overrides))
 
 
 def save_tiny_checkpoint(path: Path, num_classes: int = 3, classes=None, img_size: int = 32, seed: int = 0, **data_cfg):
@@ -192,20 +194,7 @@ DENSE_SEG_OPTS = dict(_DENSE_COMMON, drop_path=0.1, crop_size=64, resize_scale=[
 
 def dense_flags(opts: dict, **overrides) -> list[str]:
     """Options of a dense run (e.g. DENSE_DET_OPTS + overrides) as ``transnext detect/segment train`` flags."""
-    import json
-
-    flags: list[str] = []
-    for k, v in dict(opts, **overrides).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            flags.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif isinstance(v, dict):
-            flags += [flag, json.dumps(v)]
-        elif isinstance(v, (list, tuple)):
-            flags += [flag, *map(str, v)]
-        else:
-            flags += [flag, "none" if v is None else str(v)]
-    return flags
+    return options_as_flags(dict(opts, **overrides))
 
 
 class SaveWeightsAtEnd(Callback):
