@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -88,8 +87,10 @@ _HINT = re.compile(r"pip install\s+(?:-\S+\s+)*['\"]?([A-Za-z0-9_.\-]+)(\[[^\]]*
 
 
 def _extras() -> set[str]:
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return set(meta["optional-dependencies"])
+    from importlib.metadata import metadata
+
+    # the extras of the installed distribution, as pip sees them (pyproject's optional-dependencies)
+    return set(metadata("transnext-pytorch").get_all("Provides-Extra") or [])
 
 
 def _hints() -> list[tuple[str, str, str]]:
