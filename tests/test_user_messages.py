@@ -293,3 +293,23 @@ def test_long_dense_recipes_save_by_steps() -> None:
         every = options.get("save_every_steps", 0)
         # a COCO 1x epoch is ~7,300 steps at batch 16, UPerNet evaluates every 16k: a save well within either
         assert 0 < every <= 2000, (name, every)
+
+
+def test_train_pretrained_unreachable_hub_names_initial_checkpoint(unreachable_hub: Path, tmp_path: Path) -> None:
+    """``train --pretrained`` without the hub advises the training option that takes a local file."""
+    pytest.importorskip("huggingface_hub")
+    r = run_cli("train", "--model", "transnext_micro", "--pretrained", "--dataset", "demo", "--epochs", "1",
+                "--output", str(tmp_path / "run"), "--num-workers", "0")
+    assert r.returncode != 0, r.stdout
+    assert "pass --initial-checkpoint PATH" in r.stderr and "checkpoint_path=" not in r.stderr, r.stderr
+
+
+def test_dense_pretrained_trunk_unreachable_hub_names_backbone_weights(unreachable_hub: Path) -> None:
+    """A dense model's published trunk without the hub advises ``backbone_weights=`` / ``--backbone-weights``."""
+    pytest.importorskip("huggingface_hub")
+    from transnext.dense import build_trunk
+
+    with pytest.raises(CheckpointError) as info:
+        build_trunk("transnext_micro", True, preset=None)
+    msg = str(info.value)
+    assert "pass backbone_weights=PATH" in msg and "--backbone-weights PATH" in msg and "checkpoint_path=" not in msg, msg

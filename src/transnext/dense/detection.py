@@ -33,6 +33,10 @@ from .backbone import TransNeXtBackbone, TransNeXtFPN, create_backbone
 __all__ = ["build_trunk", "fcos_transnext", "maskrcnn_transnext", "retinanet_transnext"]
 
 
+# How a dense model takes a local trunk checkpoint instead of published weights (named when the hub cannot be reached).
+BACKBONE_WEIGHTS_OPTION = "backbone_weights=PATH (--backbone-weights PATH on the command line)"
+
+
 def _torchvision_detection() -> Any:
     try:
         import torchvision.models.detection as det
@@ -93,6 +97,12 @@ def build_trunk(
             raise FileNotFoundError(f"backbone weights not found: {text} (a checkpoint file, True, or a variant.tag name)")
     elif backbone_weights not in (None, False):
         raise TypeError(f"backbone_weights must be None, True, a variant.tag name or a file path, not {type(backbone_weights).__name__}")
+    if pretrained:
+        from ..checkpoints import download_weights
+        from ..models.registry import get_weights
+
+        # fetched here so that an unreachable hub names the option that takes a local classification checkpoint
+        checkpoint, pretrained = download_weights(get_weights(name), local_option=BACKBONE_WEIGHTS_OPTION), False
     backbone = create_backbone(name, task=preset, pretrained=pretrained, checkpoint_path=checkpoint,
                                out_indices=out_indices, frozen_stages=frozen_stages, **kwargs)
     if grad_checkpointing:

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 __all__ = ["ClassificationTask"]
 
 
+# How a training run takes a local file instead of published weights (named when the hub cannot be reached).
+INITIAL_CHECKPOINT_OPTION = "--initial-checkpoint PATH (initial_checkpoint= in a config)"
+
+
 class ClassificationTask(Task):
     """ImageFolder (or the embedded demo set) -> TransNeXt -> cross-entropy; best = validation top-1.
 
@@ -87,11 +91,17 @@ class ClassificationTask(Task):
             raise ValueError(f"--num-classes {num_classes} is smaller than the {len(self.classes)} classes of the training set")
         variant, _ = split_name(cfg.model)
         drop_path = cfg.drop_path if cfg.drop_path is not None else DROP_PATH_RATES.get(variant, 0.0)
+        start = cfg.initial_checkpoint if init_weights else None
+        if cfg.pretrained and init_weights and start is None:
+            from ..checkpoints import download_weights
+            from ..models.registry import get_weights
+
+            # fetched here so that an unreachable hub names the training option that takes a local file
+            start = download_weights(get_weights(cfg.model), local_option=INITIAL_CHECKPOINT_OPTION)
         model = create_model_with_arch(
             cfg.model, num_classes=num_classes, model_kwargs=cfg.model_kwargs, img_size=cfg.img_size,
             pretrain_size=cfg.pretrain_size, pos_bias=cfg.pos_bias, drop_path=drop_path, attn_backend=cfg.attn_backend,
-            pretrained=cfg.pretrained and init_weights and cfg.initial_checkpoint is None,
-            checkpoint_path=cfg.initial_checkpoint if init_weights else None,
+            pretrained=False, checkpoint_path=start,
         )
         check_image_size(model, cfg.img_size)
         if cfg.grad_checkpointing:
