@@ -437,3 +437,14 @@ def test_callback_spec_errors():
         load_callback("train_helpers:Nope")
     with pytest.raises(ValueError, match="not a transnext Callback"):
         load_callback("train_helpers:cli_env")
+
+
+def test_strict_data_error_from_a_worker_is_the_original_error(tmp_path):
+    """With loader workers, --strict-data stops with the file's own one-line error, not the worker's traceback text."""
+    d = make_image_folder(tmp_path / "data", classes=2, per_class=4, val_per_class=1)
+    write_corrupt(d / "train" / "class_0" / "broken.png")
+    with pytest.raises(DataError) as info:
+        train(cfg_for(d, tmp_path / "o", strict_data=True, num_workers=1))
+    msg = str(info.value)
+    assert "broken.png" in msg and "--strict-data" in msg, msg
+    assert "DataLoader worker" not in msg and "Traceback" not in msg, msg

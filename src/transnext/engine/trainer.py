@@ -489,13 +489,16 @@ class TrainRun:
                        file=sys.stderr)
         self._epoch_loss = [0.0, 0]
         t_epoch = time.perf_counter()
+        from ..data.datasets import worker_errors
+
         try:
-            for step in range(first, self.steps_per_epoch):
-                loss, n_samples, logs, lr, dt = self.train_step(it, epoch, step)
-                self.step_in_epoch = step + 1
-                self._after_step(loss, n_samples, logs, lr, dt, bar)
-                if self.max_steps is not None and self.global_step >= self.max_steps:
-                    break
+            with worker_errors():  # a worker's --strict-data error surfaces as the original one-line error
+                for step in range(first, self.steps_per_epoch):
+                    loss, n_samples, logs, lr, dt = self.train_step(it, epoch, step)
+                    self.step_in_epoch = step + 1
+                    self._after_step(loss, n_samples, logs, lr, dt, bar)
+                    if self.max_steps is not None and self.global_step >= self.max_steps:
+                        break
         finally:
             if bar is not None:
                 bar.close()
