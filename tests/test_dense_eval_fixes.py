@@ -270,3 +270,13 @@ def test_metrics_over_nothing_are_errors() -> None:
         m.compute()
     with pytest.raises(ValueError, match="no image"):
         coco_evaluate(dict(images=[], annotations=[], categories=[dict(id=1, name="cat")]), [])
+
+
+def test_segmentation_config_refuses_a_slide_stride_past_the_crop() -> None:
+    """Training's validation settings are checked when the config is built, not at the first evaluation."""
+    from transnext.dense.config import SegmentationConfig
+
+    with pytest.raises(ValueError, match=r"eval_stride must be between 1 and crop_size \(40\).*got 50"):
+        SegmentationConfig.from_dict(dict(crop_size=40, eval_mode="slide", eval_stride=50), require_data=False)
+    SegmentationConfig.from_dict(dict(crop_size=40, eval_mode="slide", eval_stride=40), require_data=False)
+    SegmentationConfig.from_dict(dict(crop_size=40, eval_mode="whole", eval_stride=50), require_data=False)  # unused

@@ -143,6 +143,10 @@ class SegmentationConfig(_DenseFields):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
         if len(self.resize_scale) != 2 or len(self.ratio_range) != 2:
             raise ValueError("resize_scale and ratio_range take two numbers each")
+        if self.eval_mode == "slide" and not 0 < self.eval_stride <= self.crop_size:
+            # a stride past the window leaves pixels no window covers
+            raise ValueError(f"eval_stride must be between 1 and crop_size ({self.crop_size}) for sliding-window "
+                             f"evaluation, got {self.eval_stride}")
 
 
 # Lowest score ``transnext detect predict`` draws and lists: the demo's threshold. Short or
