@@ -134,6 +134,16 @@ def _mmdet(name: str) -> Callable[..., Any]:
     return call
 
 
+def _mask2former(name: str) -> Callable[..., Any]:
+    """A function of .mask2former, imported on first use."""
+    def call(*args: Any) -> Any:
+        from . import mask2former
+
+        return getattr(mask2former, name)(*args)
+
+    return call
+
+
 # Further formats are one entry each.
 REFERENCE_FORMATS: dict[str, ReferenceFormat] = {
     "mmseg_upernet": ReferenceFormat(
@@ -144,6 +154,11 @@ REFERENCE_FORMATS: dict[str, ReferenceFormat] = {
     "mmdet_maskrcnn": ReferenceFormat(
         "an mmdet Mask R-CNN checkpoint", _mmdet("is_mmdet_maskrcnn"), _mmdet("convert_mmdet_maskrcnn"), _mmdet("is_maskrcnn"),
         "a Mask R-CNN (transnext.dense.maskrcnn_transnext(..., num_classes=81, reference=True))", _mmdet("mmdet_reference_name"),
+    ),
+    # Mask2Former (mmseg 1.x around mmdet's head): the head's names are the reference's, see .mask2former
+    "mmseg_mask2former": ReferenceFormat(
+        "an mmseg Mask2Former checkpoint", _mask2former("is_mmseg_mask2former"), _mask2former("convert_mmdet_mask2former"),
+        _mask2former("is_mask2former"), "a Mask2Former (transnext.dense.mask2former_transnext)", _upernet_reference_name,
     ),
 }
 
@@ -183,6 +198,8 @@ def _name_hints(message: str, converted: Mapping[str, Tensor], model: nn.Module,
             notes.append(f"{key} = {theirs}")
     hint = ""
     weight = converted.get("decode_head.classifier.1.weight")
+    if weight is None and "decode_head.cls_embed.weight" in converted:  # Mask2Former: classes + "no object"
+        weight = converted["decode_head.cls_embed.weight"][:-1]
     classes = getattr(model, "num_classes", None)
     if weight is not None and classes is not None and weight.shape[0] != classes:
         hint = f" The checkpoint has {weight.shape[0]} classes, the model {classes}: build it with num_classes={weight.shape[0]}."
