@@ -65,15 +65,17 @@ def add_demo_parser(sub: Any, task: str) -> argparse.ArgumentParser:
 
 
 def add_train_parser(sub: Any, task: str) -> None:
-    from ..dense.config import DENSE_RECIPES, PUBLISHED
     from ..engine.config import add_config_arguments
+    from ..recipes import list_recipes, published_text
 
-    recipes = [k for k in DENSE_RECIPES if (k.startswith("mask_rcnn") or k == "detect_demo") == (task == "detect")]
+    recipes = list_recipes(task)  # the registry's training recipes of this task (transnext.recipes)
+    published = {k: published_text(k) for k in recipes}
     p = sub.add_parser("train", help="train with a reference recipe or any settings (shared engine: resume, DDP, AMP, curves)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.epilog = ("Precedence: recipe < --config file < flags. Recipes: "
-                + "; ".join(f"{k}" + (f" ({PUBLISHED[k]})" if k in PUBLISHED else "") for k in recipes)
-                + ". Multi-process: torchrun --nproc-per-node N -m transnext " + task + " train ... Resume: --resume auto.")
+                + "; ".join(k + (f" ({published[k]})" if published[k] else "") for k in recipes)
+                + ". All recipes and figures: transnext info --recipes. Multi-process: torchrun --nproc-per-node N -m transnext "
+                + task + " train ... Resume: --resume auto.")
     g = p.add_argument_group("recipe")
     g.add_argument("--preset", default=None, metavar="NAME", help=f"reference recipe ({', '.join(recipes)})")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML, TOML or JSON file of options")

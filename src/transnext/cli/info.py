@@ -1,8 +1,10 @@
-"""``transnext info``: the variants with parameters, GFLOPs and published accuracy.
+"""``transnext info``: the variants with parameters, GFLOPs and published accuracy; ``--recipes``: the recipes.
 
-Published figures come from the weights records (:data:`transnext.models.WEIGHTS`); with
-``--measure`` parameters and multiply-adds are also measured on the meta device (seconds per
-variant, no weights allocated).
+Published figures come from the weights records (:data:`transnext.models.WEIGHTS`), which read
+them from the recipe registry (:data:`transnext.recipes.RECIPES`); with ``--measure`` parameters
+and multiply-adds are also measured on the meta device (seconds per variant, no weights
+allocated). ``--recipes`` lists the training recipes of the registry with their settings and
+published figures.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ ROBUSTNESS = (("imagenet_a", "IN-A"), ("imagenet_r", "IN-R"), ("imagenet_sketch"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help="variants or variant.tag names to show (default: all published weights)")
+                        help="variants or variant.tag names to show (default: all published weights); "
+                             "with --recipes: recipe names")
+    parser.add_argument("--recipes", action="store_true",
+                        help="list the training recipes (--preset names of train / detect train / segment train) "
+                             "with their settings and published figures")
+    parser.add_argument("--task", choices=("classify", "detect", "segment"), default=None,
+                        help="with --recipes: only the recipes of this task")
     parser.add_argument("--measure", action="store_true",
                         help="also measure parameters and GFLOPs (multiply-adds) at each weights' resolution")
     parser.add_argument("--robustness", action="store_true", help="add the published robustness results")
@@ -37,7 +45,7 @@ def _rows(args: argparse.Namespace) -> list[dict]:
     for w in {w.name: w for w in selected}.values():  # keep order, drop duplicates
         row = {
             "name": w.name, "resolution": w.img_size, "params_m": w.params_m, "gflops": w.gflops,
-            "top1": w.top1, "hf_hub_id": w.hf_hub_id, "filename": w.filename,
+            "top1": w.top1, "hf_hub_id": w.hf_hub_id, "filename": w.filename, "recipe": w.recipe,
         }
         if args.robustness:
             row["robustness"] = dict(w.robustness)
@@ -88,7 +96,54 @@ def _native_status() -> str:
         return native.describe()
 
 
+def _recipe_rows(args: argparse.Namespace) -> list[dict]:
+    from ..recipes import get_recipe, head_label, list_recipes, published_text, summary
+
+    if args.measure or args.robustness:
+        raise ValueError("--measure and --robustness apply to the weights table, not to --recipes")
+    names = args.names or list_recipes(args.task)
+    rows = []
+    for name in names:
+        r = get_recipe(name, args.task, kind="recipe")  # ValueError listing the recipes for unknown names
+        rows.append({
+            "name": r.name, "task": r.task, "model": r.config.get("model"), "head": head_label(r),
+            "published": r.published_dict(), "published_text": published_text(r), "settings": summary(r),
+            "weights": list(r.weights), "notes": r.notes,
+        })
+    return rows
+
+
+def _recipe_table(rows: list[dict], markdown: bool) -> str:
+    from ..recipes import published_text
+
+    header = ["recipe", "task", "head", "model", "published"]
+    # the aligned table shows each recipe's headline figures (its first dataset); Markdown all of them
+    shown = [r["published_text"] if markdown else published_text(r["name"], list(r["published"])[:1]) for r in rows]
+    body = [[r["name"], r["task"], r["head"], str(r["model"] or "-"), text or "-"] for r, text in zip(rows, shown)]
+    if markdown:
+        header.append("settings")
+        for line, r in zip(body, rows):
+            line.append(r["settings"])
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in body])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "recipes", False):
+        rows = _recipe_rows(args)
+        if args.format == "json":
+            print(json.dumps(rows, indent=2))
+        else:
+            print(_recipe_table(rows, markdown=args.format == "markdown"))
+            if args.format == "table":
+                print("\npublished = the reference's figures (ImageNet-1K pretrained trunks; classification: top-1, "
+                      "robustness in --format json); --format markdown adds the settings, json the notes.")
+        return 0
+    if getattr(args, "task", None):
+        raise ValueError("--task applies to --recipes")
     rows = _rows(args)
     if args.format == "json":
         print(json.dumps(rows, indent=2))

@@ -16,44 +16,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..models.registry import create_model, split_name
 from ..models.transnext import TransNeXt
+from ..recipes import BackboneSettings, backbone_settings
 
 __all__ = ["DENSE_PRESETS", "DensePreset", "TransNeXtBackbone", "TransNeXtFPN", "create_backbone", "create_fpn_backbone"]
 
 
-@dataclass(frozen=True)
-class DensePreset:
-    """Backbone settings of one dense-task recipe of the reference."""
+# Backbone settings of one dense-task recipe of the reference (the registry's record type).
+DensePreset = BackboneSettings
 
-    img_size: int
-    pos_bias: str
-    drop_path_rates: dict[str, float]
-    out_indices: tuple[int, ...] = (0, 1, 2, 3)
-    pretrain_size: int = 224
-    notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _rates(tiny: float, small: float, base: float) -> dict[str, float]:
-    return {"transnext_tiny": tiny, "transnext_small": small, "transnext_base": base}
-
-
-DENSE_PRESETS: dict[str, DensePreset] = {
-    "upernet": DensePreset(512, "interpolate", _rates(0.4, 0.6, 0.7), notes="UPerNet, ADE20K 160k"),
-    "upernet_extrapolation": DensePreset(512, "extrapolate", _rates(0.4, 0.6, 0.7),
-                                         notes="UPerNet configs with is_extrapolation=True"),
-    "mask2former": DensePreset(512, "interpolate", _rates(0.3, 0.5, 0.6), notes="Mask2Former, ADE20K"),
-    "mask_rcnn": DensePreset(800, "interpolate", _rates(0.4, 0.6, 0.7), notes="Mask R-CNN 1x, COCO"),
-    "dino": DensePreset(800, "interpolate", _rates(0.3, 0.5, 0.6), notes="DINO 5-scale, COCO"),
-    "dino_4scale": DensePreset(800, "interpolate", _rates(0.3, 0.5, 0.6), out_indices=(1, 2, 3),
-                               notes="DINO 4-scale, COCO: the stride-4 map is not used"),
-}
+# Name -> settings: a view of the registry's backbone records (transnext.recipes.RECIPES, kind "backbone").
+DENSE_PRESETS: dict[str, DensePreset] = backbone_settings()
 
 
 class TransNeXtBackbone(nn.Module):

@@ -2,9 +2,10 @@
 
 :class:`DetectionConfig` and :class:`SegmentationConfig` extend the shared
 :class:`~transnext.engine.config.TrainConfig` (run length, optimizer, schedule, AMP, DDP, output)
-with what a detector or a segmenter needs. :data:`DENSE_RECIPES` holds the reference recipes
-beside the numbers they produced, plus the two embedded-demo presets. Precedence, as for
-classification: recipe < config file (YAML/TOML/JSON) < command-line flags.
+with what a detector or a segmenter needs. :data:`DENSE_RECIPES` (options) and :data:`PUBLISHED`
+(the numbers they produced, as text) are views of the recipe registry (:mod:`transnext.recipes`):
+the reference recipes plus the embedded-demo presets. Precedence, as for classification: recipe <
+config file (YAML/TOML/JSON) < command-line flags.
 
 Data layout (``--data-dir`` with ``--train-split`` / ``--val-split``):
 
@@ -18,12 +19,15 @@ Data layout (``--data-dir`` with ``--train-split`` / ``--val-split``):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..engine.config import TrainConfig, load_config_file
-from ..engine.presets import DEMO_ARCH
+from ..recipes import DEMO_TRUNK as DEMO_TRUNK  # still importable from here
+from ..recipes import LONG_RUN_SAVE_EVERY_STEPS as LONG_RUN_SAVE_EVERY_STEPS
+from ..recipes import get_recipe, list_recipes, published_text, recipe_config
 
 __all__ = [
     "DENSE_RECIPES",
@@ -165,100 +169,39 @@ def coco_split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------- recipes
-# Settings that do not apply to dense tasks are neutralised so the shared defaults (ImageNet
-# augmentation) cannot leak in.
-_DENSE_COMMON: dict[str, Any] = dict(
-    dataset="folder", pretrain_size=224, pos_bias="interpolate", opt="adamw", opt_eps=1e-8, weight_decay=0.05,
-    clip_grad=None, aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=1, compile=False,
-    num_workers=4, total_batch_size=16,
-)
-
-# Long recipes also save `last` every this many optimizer steps (about a quarter of an hour on 8
-# GPUs), so that an interruption loses minutes, not a COCO epoch or 16k UPerNet iterations.
-LONG_RUN_SAVE_EVERY_STEPS = 1000
-
-# Mask R-CNN 1x (mmdet): 12 epochs, AdamW 1e-4 / wd 0.05, x0.1 after epochs 8 and 11, linear warm-up
-# over 500 iterations from 0.001 x lr, 2 images per GPU x 8 GPUs, resize to fit 1333x800, flip 0.5.
-_MASK_RCNN_1X: dict[str, Any] = dict(
-    _DENSE_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", img_size=800, min_size=(800,), max_size=1333,
-    hflip=0.5, batch_size=2, epochs=12, lr=1e-4, sched="step", decay_milestones=(8, 11), decay_rate=0.1,
-    sched_per_step=True, warmup_steps=500, warmup_lr=1e-7, min_lr=0.0, pretrained=True,
-    train_split="train2017", val_split="val2017", save_every_steps=LONG_RUN_SAVE_EVERY_STEPS,
-)
-
-# UPerNet 160k (mmseg): AdamW 6e-5 / wd 0.05, poly (power 1) to 0 over 160k iterations, linear
-# warm-up over 1,500 iterations from 1e-6 x lr, 2 images per GPU x 8 GPUs, 512x512 crops.
-_UPERNET_160K: dict[str, Any] = dict(
-    _DENSE_COMMON, dense_preset="upernet", img_size=512, crop_size=512, batch_size=2, max_steps=160_000, epochs=1,
-    lr=6e-5, sched="poly", poly_power=1.0, min_lr=0.0, warmup_steps=1500, warmup_lr=6e-11, hflip=0.5,
-    eval_every_steps=16_000, save_every_steps=LONG_RUN_SAVE_EVERY_STEPS, pretrained=True, data_format="ade20k", num_classes=150,
-    train_split="training", val_split="validation",
-)
-
-# The demos' trunk is the classification demo's model (``transnext demo``: DEMO_ARCH), with its position bias as
-# trained there (extrapolated, coordinates normalised by a 64 px grid). ``transnext detect|segment demo`` start it
-# from that demo's trained weights (silhouettes of the classification training split only), cached per user and
-# trained on the fly when missing (transnext.dense.workflow.demo_backbone); ``train --preset *_demo`` starts it
-# from --backbone-weights or random.
-DEMO_TRUNK: dict[str, Any] = dict(DEMO_ARCH)
-
-_DEMO_COMMON: dict[str, Any] = dict(
-    _DENSE_COMMON, dataset="demo", model="transnext_micro", model_kwargs=DEMO_TRUNK, img_size=128, pretrain_size=64,
-    pos_bias="extrapolate", drop_path=0.0, total_batch_size=None, opt="adamw", weight_decay=0.05, sched="cosine",
-    warmup_steps=30, warmup_lr=1e-5,
-    min_lr=1e-5, clip_grad=5.0, amp="none", num_workers=1, threads=1, train_split="train", val_split="val",
-    test_split="test", log_every=10, reference_no_decay=False,
-)
-
+# Views of the recipe registry (transnext.recipes.RECIPES, the one source): the options of every dense
+# training recipe, and what each reference recipe produced as text (ImageNet-1K pretrained backbones).
 DENSE_RECIPES: dict[str, dict[str, Any]] = {
-    # name: (task, options, published result)
-    "mask_rcnn_1x_tiny": dict(_MASK_RCNN_1X, model="transnext_tiny"),
-    "mask_rcnn_1x_small": dict(_MASK_RCNN_1X, model="transnext_small"),
-    "mask_rcnn_1x_base": dict(_MASK_RCNN_1X, model="transnext_base"),
-    "upernet_160k_tiny": dict(_UPERNET_160K, model="transnext_tiny"),
-    "upernet_160k_small": dict(_UPERNET_160K, model="transnext_small"),
-    "upernet_160k_base": dict(_UPERNET_160K, model="transnext_base"),
-    "detect_demo": dict(
-        _DEMO_COMMON, detector="mask_rcnn", dense_preset="mask_rcnn", min_size=(128,), max_size=128, fpn_channels=64,
-        anchor_sizes=(16, 32, 64, 128, 256),  # the reference anchors, scaled to 128 px scenes
-        representation_size=256, mask_layers=(64, 64), batch_size=4, epochs=3, lr=1e-3, backbone_lr_mult=0.3, hflip=0.5,
-        output="runs/detect_demo",
-        detections_per_img=50,
-        detector_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-                             rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),
-    ),
-    "segment_demo": dict(
-        # all 11 classes (background + the 10 animals); whole scenes resized to 96-192 px, 96 px crops (largest class
-        # <= 75% of a crop, as the reference crops)
-        _DEMO_COMMON, dense_preset="upernet", data_format="ade20k", num_classes=11, foreground_only=False, crop_size=96,
-        resize_scale=(128, 128), ratio_range=(0.75, 1.5), channels=96, aux_channels=48, batch_size=16, epochs=8, lr=2e-3,
-        backbone_lr_mult=0.3,
-        output="runs/segment_demo",
-    ),
+    name: recipe_config(name) for task in ("detect", "segment") for name in list_recipes(task)
 }
+PUBLISHED: dict[str, str] = {name: published_text(name) for name in DENSE_RECIPES if get_recipe(name).published}
 
-# What each reference recipe produced (ImageNet-1K pretrained backbones; SPEC section 1).
-PUBLISHED: dict[str, str] = {
-    "mask_rcnn_1x_tiny": "COCO val2017 box AP 49.9, mask AP 44.6",
-    "mask_rcnn_1x_small": "COCO val2017 box AP 51.1, mask AP 45.5",
-    "mask_rcnn_1x_base": "COCO val2017 box AP 51.7, mask AP 45.9",
-    "upernet_160k_tiny": "ADE20K val mIoU 51.1",
-    "upernet_160k_small": "ADE20K val mIoU 52.2",
-    "upernet_160k_base": "ADE20K val mIoU 53.0",
-}
+
+def _task_of(config_cls: type[TrainConfig]) -> str | None:
+    if issubclass(config_cls, DetectionConfig):
+        return "detect"
+    if issubclass(config_cls, SegmentationConfig):
+        return "segment"
+    return None
 
 
 def resolve_dense_config(config_cls: type[TrainConfig], recipe: str | None = None, file: str | Path | None = None,
                          overrides: dict[str, Any] | None = None, require_data: bool = True) -> Any:
-    """Recipe < config file < explicit overrides, as a ``config_cls`` instance (``require_data=False``: no data dir needed)."""
+    """Recipe < config file < explicit overrides, as a ``config_cls`` instance (``require_data=False``: no data dir needed).
+
+    ``recipe`` is a training recipe of ``config_cls``'s task in :data:`transnext.recipes.RECIPES`;
+    another name is refused with the list of that task's recipes.
+    """
     file_opts = load_config_file(file) if file else {}
     overrides = dict(overrides or {})
     recipe = recipe or overrides.pop("preset", None) or file_opts.pop("preset", None)
     base: dict[str, Any] = {}
     if recipe is not None:
-        if recipe not in DENSE_RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; available: {', '.join(DENSE_RECIPES)}")
-        base = dict(DENSE_RECIPES[recipe])
+        base = recipe_config(get_recipe(recipe, _task_of(config_cls), kind="recipe"))
+        missing = sorted(set(base) - {f.name for f in dataclasses.fields(config_cls)})
+        if missing:  # a recipe of a head this build's config does not know yet
+            raise ValueError(f"recipe {recipe!r} sets option(s) {', '.join(missing)} that {config_cls.__name__} does not have; "
+                             "this version cannot train it")
     merged = {**base, **file_opts, **overrides}
     merged["preset"] = recipe
     return config_cls.from_dict(merged, require_data=require_data)

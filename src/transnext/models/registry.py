@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..preprocessing import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, eval_crop
+from ..recipes import ROBUSTNESS_FIGURES, from_scratch_drop_path_rates, recipe_for_weights
 from .transnext import TransNeXt
 
 __all__ = [
@@ -46,11 +47,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Published stochastic-depth rates of the ImageNet-1K recipe (docs/model.md section 7).
-DROP_PATH_RATES = {
-    "transnext_micro": 0.15, "transnext_tiny": 0.25, "transnext_small": 0.45, "transnext_base": 0.6,
-    "transnext_micro_aaaa": 0.15,
-}
+# Published stochastic-depth rates of the ImageNet-1K recipe (docs/model.md section 7): a view of the
+# from-scratch classification recipes of the registry (transnext.recipes).
+DROP_PATH_RATES: dict[str, float] = from_scratch_drop_path_rates()
 
 
 def final_grid(size: int) -> int:
@@ -85,6 +84,7 @@ class Weights:
     std: tuple[float, float, float] = IMAGENET_STD
     num_classes: int = 1000
     robustness: dict[str, float] = field(default_factory=dict)
+    recipe: str | None = None  # the registry recipe that trained it (transnext.recipes.RECIPES)
 
     @property
     def name(self) -> str:
@@ -93,6 +93,16 @@ class Weights:
     @property
     def url(self) -> str:
         return f"https://huggingface.co/{self.hf_hub_id}/resolve/main/{self.filename}"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """torchvision-style metadata: ``recipe`` (the registry name of the recipe that trained
+        these weights), ``_metrics`` (its published figures, ``{"ImageNet-1K": {"top1": 84.0}, ...}``,
+        read from the registry), ``_ops`` (published GFLOPs at ``img_size``) and ``num_params_m``."""
+        from ..recipes import get_recipe
+
+        metrics = get_recipe(self.recipe).published_dict() if self.recipe else {}
+        return {"recipe": self.recipe, "_metrics": metrics, "_ops": self.gflops, "num_params_m": self.params_m}
 
     def as_pretrained_cfg(self) -> dict[str, Any]:
         """The same record as a timm-style pretrained config (a plain dict; timm not needed).
@@ -138,35 +148,29 @@ class Weights:
         )
 
 
-def _w(variant: str, tag: str, hub: str, fname: str, size: int, pre: int, top1: float, params: float,
-       gflops: float, **kw: Any) -> Weights:
+def _w(variant: str, tag: str, hub: str, fname: str, size: int, pre: int, params: float, gflops: float) -> Weights:
+    """A published record; its top-1 and robustness figures are those of the recipe that trained it."""
+    recipe = recipe_for_weights(f"{variant}.{tag}")
+    if recipe is None:
+        raise ValueError(f"published weights {variant}.{tag} name no recipe of transnext.recipes.RECIPES")
+    published = recipe.published
+    robustness = {key: published[d][m] for key, (d, m) in ROBUSTNESS_FIGURES.items() if m in published.get(d, {})}
     crop_pct, crop_mode = eval_crop(size)
-    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, top1, params, gflops, crop_pct, crop_mode, **kw)
-
-
-def _robust(a: float, r: float, sketch: float, v2: float, c: float | None = None) -> dict[str, float]:
-    """Published robustness figures (no ImageNet-C mCE is published for the 384 fine-tunes)."""
-    out = {"imagenet_a": a, "imagenet_r": r, "imagenet_sketch": sketch, "imagenet_v2": v2}
-    return out if c is None else {**out, "imagenet_c_mce": c}
+    return Weights(variant, tag, f"DaiShiResearch/{hub}", fname, size, pre, published["ImageNet-1K"]["top1"], params, gflops,
+                   crop_pct, crop_mode, robustness=robustness, recipe=recipe.name)
 
 
 WEIGHTS: dict[str, Weights] = {
     w.name: w
     for w in (
-        _w("transnext_micro", "in1k", "transnext-micro-224-1k", "transnext_micro_224_1k.pth", 224, 224, 82.5, 12.8, 2.7,
-           robustness=_robust(29.9, 45.8, 33.0, 72.6, 50.8)),
-        _w("transnext_tiny", "in1k", "transnext-tiny-224-1k", "transnext_tiny_224_1k.pth", 224, 224, 84.0, 28.2, 5.7,
-           robustness=_robust(39.9, 49.6, 37.6, 73.8, 46.5)),
-        _w("transnext_small", "in1k", "transnext-small-224-1k", "transnext_small_224_1k.pth", 224, 224, 84.7, 49.7, 10.3,
-           robustness=_robust(47.1, 52.5, 39.7, 74.8, 43.9)),
-        _w("transnext_base", "in1k", "transnext-base-224-1k", "transnext_base_224_1k.pth", 224, 224, 84.8, 89.7, 18.4,
-           robustness=_robust(50.6, 53.9, 41.4, 75.1, 43.5)),
-        _w("transnext_small", "in1k_384", "transnext-small-384-1k-ft-1k", "transnext_small_384_1k_ft_1k.pth",
-           384, 224, 86.0, 49.7, 32.1, robustness=_robust(58.3, 56.4, 43.2, 76.8)),
-        _w("transnext_base", "in1k_384", "transnext-base-384-1k-ft-1k", "transnext_base_384_1k_ft_1k.pth",
-           384, 224, 86.2, 89.7, 56.3, robustness=_robust(61.6, 57.7, 44.7, 77.0)),
-        _w("transnext_micro_aaaa", "in1k", "transnext-micro-AAAA-256-1k", "transnext_micro_AAAA_256_1k.pth",
-           256, 256, 82.6, 13.1, 3.3),
+        # top-1 and robustness: the published figures of each record's recipe (transnext.recipes)
+        _w("transnext_micro", "in1k", "transnext-micro-224-1k", "transnext_micro_224_1k.pth", 224, 224, 12.8, 2.7),
+        _w("transnext_tiny", "in1k", "transnext-tiny-224-1k", "transnext_tiny_224_1k.pth", 224, 224, 28.2, 5.7),
+        _w("transnext_small", "in1k", "transnext-small-224-1k", "transnext_small_224_1k.pth", 224, 224, 49.7, 10.3),
+        _w("transnext_base", "in1k", "transnext-base-224-1k", "transnext_base_224_1k.pth", 224, 224, 89.7, 18.4),
+        _w("transnext_small", "in1k_384", "transnext-small-384-1k-ft-1k", "transnext_small_384_1k_ft_1k.pth", 384, 224, 49.7, 32.1),
+        _w("transnext_base", "in1k_384", "transnext-base-384-1k-ft-1k", "transnext_base_384_1k_ft_1k.pth", 384, 224, 89.7, 56.3),
+        _w("transnext_micro_aaaa", "in1k", "transnext-micro-AAAA-256-1k", "transnext_micro_AAAA_256_1k.pth", 256, 256, 13.1, 3.3),
     )
 }
 
