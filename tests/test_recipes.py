@@ -306,8 +306,9 @@ def test_print_config_mask2former(capsys: pytest.CaptureFixture[str]) -> None:
 
 # ---------------------------------------------------------------------- docs generator, leaf module
 def test_markdown_generator(capsys: pytest.CaptureFixture[str]) -> None:
-    assert recipes._main(["--markdown"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    assert main(["info", "--recipes", "--format", "markdown", "--task", "detect"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == recipes.markdown_tables(["detect"])
+    out = recipes.markdown_tables().splitlines()  # detection and segmentation, as docs/dense.md shows them
     assert out[0] == "| recipe | task | head | settings | published (ImageNet-1K pretrained trunk) |"
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out[2:]}
     assert rows["`dino_5scale_12e_tiny` / `_small` / `_base`"].endswith("| COCO val2017 box AP: T 55.7, S 56.6, B 57.1 |")
@@ -316,6 +317,12 @@ def test_markdown_generator(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| detect | DINO 4-scale | 12 epochs, AdamW lr 1e-4, trunk lr x0.1" in rows["`dino_4scale_12e_tiny`"]
     assert rows["`mask2former_160k_tiny` / `_small` / `_base`"].endswith("| ADE20K val mIoU: T 53.4, S 54.1, B 54.7 |")
     assert rows["`segment_demo`"].endswith("| - |") and len(rows) == 7
+    classify = recipes.markdown_tables(["classify"]).splitlines()
+    assert len(classify) == 2 + len(list_recipes("classify"))
+    assert classify[3].startswith("| `tiny` | classify | classifier | 300 epochs, AdamW lr 1e-3, wd 0.05, cosine, warm-up 5 epochs")
+    assert classify[3].endswith("ImageNet-V2 top-1 73.8; ImageNet-C mCE 46.5 |")
+    assert main(["info", "--recipes", "tiny", "--format", "markdown"]) == 1
+    assert "prints whole tasks (--task), not single recipes" in capsys.readouterr().err
 
 
 def test_recipes_module_is_a_leaf() -> None:

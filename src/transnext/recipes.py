@@ -8,13 +8,12 @@ kind ``"backbone"``) and ``DROP_PATH_RATES`` (``transnext.models``). Each publis
 record names the recipe that trained it (``weights.meta["recipe"]``) and reads its figures from it.
 
 A leaf module: it imports nothing of the package and no torch, so models/, engine/ and dense/ all
-read it. Adding a recipe is one entry in ``_REGISTRY`` below. ``python -m transnext.recipes
---markdown`` prints the recipe tables of the documentation.
+read it. Adding a recipe is one entry in ``_REGISTRY`` below. :func:`markdown_tables` (``transnext
+info --recipes --format markdown``) prints the recipe table of the documentation.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 from collections.abc import Mapping, Sequence
@@ -540,7 +539,7 @@ def _metric_header(records: Sequence[Recipe]) -> str:
 
 def markdown_tables(tasks: Sequence[str] = ("detect", "segment")) -> str:
     """Markdown table of the training recipes of ``tasks``: one row per family (``*_tiny`` / ``_small`` /
-    ``_base`` together), with settings and published figures rendered from the registry."""
+    ``_base`` together) or recipe, with settings and published figures rendered from the registry."""
     lines = ["| recipe | task | head | settings | published (ImageNet-1K pretrained trunk) |", "|---|---|---|---|---|"]
     for task in tasks:
         families: dict[str, list[Recipe]] = {}
@@ -552,33 +551,14 @@ def markdown_tables(tasks: Sequence[str] = ("detect", "segment")) -> str:
                 names = " / ".join([f"`{records[0].name}`"] + [f"`_{v}`" for v in variants[1:]])
             else:
                 names = ", ".join(f"`{r.name}`" for r in records)
-            if any(r.published for r in records):
+            if not all(variants):  # a recipe of its own: its figures as text
+                published = "; ".join(published_text(r) for r in records) or "-"
+            elif any(r.published for r in records):
                 figures = ", ".join(
-                    (f"{v[0].upper()} " if v else "") + " / ".join(f"{x:.1f}" for f in r.published.values() for x in f.values())
+                    f"{v[0].upper()} " + " / ".join(f"{x:.1f}" for f in r.published.values() for x in f.values())
                     for r, v in zip(records, variants))
                 published = f"{_metric_header(records)}: {figures}"
             else:
                 published = "-"
             lines.append(f"| {names} | {task} | {head_label(records[0])} | {summary(records[0])} | {published} |")
     return "\n".join(lines)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transnext.recipes", description="print the recipe registry")
-    parser.add_argument("--markdown", action="store_true", help="the recipe table of the documentation (Markdown)")
-    parser.add_argument("--task", action="append", choices=TASKS, default=None,
-                        help="tasks to include (repeatable; default: detect and segment)")
-    args = parser.parse_args(argv)
-    tasks = args.task or ["detect", "segment"]
-    if args.markdown:
-        print(markdown_tables(tasks))
-    else:
-        for task in tasks:
-            for name in list_recipes(task):
-                text = published_text(name)
-                print(f"{name} ({task}): {summary(name)}" + (f"; published: {text}" if text else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

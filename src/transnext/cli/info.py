@@ -113,19 +113,13 @@ def _recipe_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _recipe_table(rows: list[dict], markdown: bool) -> str:
+def _recipe_table(rows: list[dict]) -> str:
     from ..recipes import published_text
 
     header = ["recipe", "task", "head", "model", "published"]
-    # the aligned table shows each recipe's headline figures (its first dataset); Markdown all of them
-    shown = [r["published_text"] if markdown else published_text(r["name"], list(r["published"])[:1]) for r in rows]
+    # each recipe's headline figures (its first dataset); --format json has them all
+    shown = [published_text(r["name"], list(r["published"])[:1]) for r in rows]
     body = [[r["name"], r["task"], r["head"], str(r["model"] or "-"), text or "-"] for r, text in zip(rows, shown)]
-    if markdown:
-        header.append("settings")
-        for line, r in zip(body, rows):
-            line.append(r["settings"])
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in body])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
@@ -136,11 +130,16 @@ def run(args: argparse.Namespace) -> int:
         rows = _recipe_rows(args)
         if args.format == "json":
             print(json.dumps(rows, indent=2))
+        elif args.format == "markdown":  # the documentation's table: one row per recipe family, with settings
+            from ..recipes import markdown_tables
+
+            if args.names:
+                raise ValueError("--recipes --format markdown prints whole tasks (--task), not single recipes")
+            print(markdown_tables([args.task] if args.task else ["classify", "detect", "segment"]))
         else:
-            print(_recipe_table(rows, markdown=args.format == "markdown"))
-            if args.format == "table":
-                print("\npublished = the reference's figures (ImageNet-1K pretrained trunks; classification: top-1, "
-                      "robustness in --format json); --format markdown adds the settings, json the notes.")
+            print(_recipe_table(rows))
+            print("\npublished = the reference's figures (ImageNet-1K pretrained trunks; classification: top-1, "
+                  "robustness in --format json); --format markdown adds the settings, json the notes.")
         return 0
     if getattr(args, "task", None):
         raise ValueError("--task applies to --recipes")
