@@ -108,3 +108,144 @@ def test_deformable_attention_module_init_residual_and_reference_boxes():
         attn(query, value, reference_points=ref4[..., :3], spatial_shapes=shapes)
     with pytest.raises(ValueError, match="built for 2"):
         attn(query, value, reference_points=ref2, spatial_shapes=shapes[:1])
+
+
+# ---------------------------------------------------------------------- the detector
+pytest.importorskip("torchvision")
+pytest.importorskip("scipy")
+
+TRUNK = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], img_size=64,
+             pretrain_size=64, drop_path_rate=0.0)
+TINY = dict(embed_dims=32, num_heads=4, num_points=2, ffn_dims=64, num_encoder_layers=1, num_decoder_layers=2, num_queries=16,
+            dn_queries=8, max_per_img=10, gn_groups=8, min_size=(48, 64), max_size=80)
+
+
+def _tiny_dino(levels: int = 4, **kw):
+    from transnext.dense import dino_transnext
+
+    torch.manual_seed(0)
+    return dino_transnext("transnext_micro", num_classes=3, num_feature_levels=levels, backbone_kwargs=dict(TRUNK), **{**TINY, **kw})
+
+
+def _batch():
+    images = [torch.rand(3, 50, 67), torch.rand(3, 33, 41), torch.rand(3, 61, 61)]
+    targets = [dict(boxes=torch.tensor([[4.0, 5.0, 30.0, 40.0], [20.0, 2.0, 60.0, 25.0]]), labels=torch.tensor([0, 2])),
+               dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),  # an image with no object
+               dict(boxes=torch.tensor([[1.0, 1.0, 10.0, 12.0]]), labels=torch.tensor([1]))]
+    return images, targets
+
+
+MATCHING_LOSSES = {"loss_cls", "loss_bbox", "loss_iou", "d0.loss_cls", "d0.loss_bbox", "d0.loss_iou", "enc_loss_cls", "enc_loss_bbox",
+                   "enc_loss_iou"}
+DN_LOSSES = {"dn_loss_cls", "dn_loss_bbox", "dn_loss_iou", "d0.dn_loss_cls", "d0.dn_loss_bbox", "d0.dn_loss_iou"}
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_dino_training_step_finite_losses_and_gradients_any_sizes(levels):
+    model = _tiny_dino(levels).train()
+    assert len(model.neck.convs) == levels - 1 and len(model.neck.extra_convs) == 1
+    images, targets = _batch()
+    losses = model(images, targets)
+    assert set(losses) == MATCHING_LOSSES | DN_LOSSES
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    assert float(losses["loss_bbox"]) > 0 and float(losses["dn_loss_bbox"]) > 0
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_dino_batch_without_any_object_trains_without_nan():
+    model = _tiny_dino().train()
+    images, targets = _batch()
+    empty = [targets[1], targets[1]]
+    losses = model(images[:2], empty)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # nothing to match or denoise: only the background classification terms are non-zero
+    assert float(losses["loss_bbox"]) == 0 and float(losses["dn_loss_cls"]) == 0 and float(losses["loss_cls"]) > 0
+    sum(losses.values()).backward()
+    assert model.dn_query_generator.label_embedding.weight.grad is not None  # still in the graph (DDP)
+
+
+def test_dino_eval_output_format_and_boxes_inside_each_image():
+    model = _tiny_dino().eval()
+    images, _ = _batch()
+    images.append(torch.rand(3, 9, 140))  # far from square: fewer pixels at the coarse levels than queries
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == len(images)
+    for im, o in zip(images, out):
+        assert set(o) == {"boxes", "scores", "labels"}
+        assert o["boxes"].shape == (10, 4) and o["scores"].shape == (10,) and o["labels"].dtype == torch.int64
+        h, w = im.shape[-2:]
+        assert float(o["boxes"][:, 2].max()) <= w + 1e-4 and float(o["boxes"][:, 3].max()) <= h + 1e-4
+        assert float(o["boxes"].min()) >= 0 and torch.all(o["scores"][:-1] >= o["scores"][1:])
+        assert int(o["labels"].min()) >= 0 and int(o["labels"].max()) <= 2
+
+
+def test_dino_label_offset_shifts_the_interface_labels():
+    model = _tiny_dino(label_offset=1)
+    images, targets = _batch()
+    with pytest.raises(ValueError, match=r"labels must lie in 1\.\.3"):
+        model.train()(images, targets)  # label 0 is the engine's background
+    shifted = [dict(t, labels=t["labels"] + 1) for t in targets]
+    assert torch.isfinite(sum(model(images, shifted).values()))
+    with torch.no_grad():
+        labels = model.eval()(images[:1])[0]["labels"]
+    assert int(labels.min()) >= 1 and int(labels.max()) <= 3
+
+
+def test_dino_state_dict_round_trip_gives_the_same_detections():
+    model = _tiny_dino().eval()
+    other = _tiny_dino()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        a, b = model(images), other(images)
+    for x, y in zip(a, b):
+        assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"])
+
+
+def test_dino_bad_inputs_are_named():
+    model = _tiny_dino().train()
+    images, targets = _batch()
+    with pytest.raises(ValueError, match="needs targets"):
+        model(images)
+    with pytest.raises(ValueError, match="3 images but 2 targets"):
+        model(images, targets[:2])
+    with pytest.raises(ValueError, match=r"image 1: expected a float tensor \[3, H, W\]"):
+        model([images[0], torch.rand(1, 20, 20), images[2]], targets)
+    bad = [dict(targets[0], boxes=torch.tensor([[5.0, 5.0, 4.0, 9.0], [0.0, 0.0, 3.0, 3.0]])), *targets[1:]]
+    with pytest.raises(ValueError, match="target 0: every box needs finite coordinates with x2 > x1"):
+        model(images, bad)
+    with pytest.raises(ValueError, match=r"target 2: labels must lie in 0\.\.2"):
+        model(images, [*targets[:2], dict(targets[2], labels=torch.tensor([3]))])
+    with pytest.raises(ValueError, match="'boxes' must be a float tensor"):
+        model(images, [*targets[:2], dict(targets[2], boxes=torch.zeros(1, 5))])
+    with pytest.raises(ValueError, match="non-empty list"):
+        model([], [])
+    from transnext.dense import dino_transnext
+
+    with pytest.raises(ValueError, match="num_feature_levels must be 4 or 5"):
+        dino_transnext("transnext_micro", num_feature_levels=3, backbone_kwargs=dict(TRUNK))
+
+
+def test_hungarian_match_and_giou():
+    from transnext.dense.matching import generalized_box_iou, hungarian_match
+
+    cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0], [0.5, 9.0, 9.0]])
+    rows, cols = hungarian_match(cost)
+    assert rows.tolist() == [1, 2, 3] and cols.tolist() == [1, 2, 0]  # total 2.5, the minimum
+    assert hungarian_match(torch.zeros(5, 0))[0].numel() == 0
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        hungarian_match(torch.tensor([[float("nan")]]))
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [4.0, 0.0, 5.0, 1.0]])
+    # IoU 1/7, enclosing 9: 1/7 - (9 - 7) / 9; identical boxes 1; disjoint: 0 - (10 - 5) / 10
+    want = torch.tensor([[1 / 7 - 2 / 9, 1.0, -0.5]])
+    assert torch.allclose(generalized_box_iou(a, b), want, atol=1e-6)
+    assert torch.allclose(generalized_box_iou(a.expand(3, 4), b, aligned=True), want[0], atol=1e-6)

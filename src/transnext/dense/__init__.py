@@ -6,6 +6,8 @@
   interface of torchvision's ``BackboneWithFPN`` (for its detectors);
 * :func:`maskrcnn_transnext`, :func:`retinanet_transnext`, :func:`fcos_transnext`: torchvision
   detectors on a TransNeXt + FPN trunk;
+* :func:`dino_transnext`: DINO (deformable transformer, denoising, mixed query selection) in plain
+  PyTorch, as the reference's DINO configs; :func:`convert_mmdet_dino` renames mmdet DINO checkpoints;
 * :func:`upernet_transnext`: UPerNet (PPM + FPN fusion, auxiliary FCN head) as in the reference;
 * :func:`load_reference_checkpoint` loads the reference's published mmseg UPerNet and mmdet Mask R-CNN
   checkpoints (the latter into ``maskrcnn_transnext(..., reference=True)``, mmdet's test-time computation);
@@ -20,12 +22,14 @@ the submodules; torchvision is imported only when a detector is built.
 
 from .backbone import DENSE_PRESETS, DensePreset, TransNeXtBackbone, TransNeXtFPN, create_backbone, create_fpn_backbone
 from .detection import build_trunk, fcos_transnext, maskrcnn_transnext, retinanet_transnext
+from .dino import DINO, convert_mmdet_dino, dino_transnext
 from .reference_checkpoints import load_reference_checkpoint
 from .reference_import import import_reference_checkpoint
 from .upernet import FCNHead, UPerHead, UPerNet, segmentation_loss, upernet_transnext
 
 __all__ = [
     "DENSE_PRESETS",
+    "DINO",
     "DensePreset",
     "FCNHead",
     "TransNeXtBackbone",
@@ -34,7 +38,9 @@ __all__ = [
     "UPerNet",
     "build_trunk",
     "create_backbone",
+    "convert_mmdet_dino",
     "create_fpn_backbone",
+    "dino_transnext",
     "fcos_transnext",
     "import_reference_checkpoint",
     "load_reference_checkpoint",
