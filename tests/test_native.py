@@ -8,6 +8,8 @@ import importlib
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -281,6 +283,123 @@ def test_worker_pool_is_rebuilt_in_a_forked_child() -> None:
         signal.alarm(20)
         try:
             ok = native._executor(2).submit(int, "7").result() == 7
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+
+
+def _raw_problem(dtype: torch.dtype, B: int = 2, h: int = 3, size: tuple[int, int] = (9, 37), d: int = 8,
+                 pool: tuple[int, int] = (3, 4), window: int = 3) -> tuple[list[torch.Tensor], tuple[int, int], int]:
+    """Random prepared inputs of :func:`native.aggregated_attention_forward` (layouts of its
+    docstring): enough work items (bands of query columns) for every thread."""
+    g = torch.Generator().manual_seed(5)
+    H, W = size
+    r, L, P = window // 2, window * window, pool[0] * pool[1]
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    y_index = torch.randint(0, 4, (H, pool[0], 1), generator=g)
+    inputs = [rnd(B, h, H * W, d), rnd(B, h, P, d), rnd(B, h, P, d), rnd(B, h, H + 2 * r, W + 2 * r, d),
+              rnd(B, h, H + 2 * r, W + 2 * r, d), rnd(4, h, W, pool[1]), y_index, torch.ones(H, pool[0], 1, dtype=dtype),
+              rnd(h, H * W, L), rnd(B, h, H * W, L)]
+    return inputs, size, window
+
+
+def _all_kernels(dtype: torch.dtype, threads: int = 2) -> dict[str, torch.Tensor]:
+    """Forward, backward and bias-table results of :func:`_raw_problem` with ``threads`` torch threads."""
+    inputs, size, window = _raw_problem(dtype)
+    g = torch.Generator().manual_seed(6)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {"out": native.aggregated_attention_forward(*inputs, size, window)}
+        grads = native.aggregated_attention_backward(torch.randn(out["out"].shape, generator=g, dtype=dtype), *inputs, size,
+                                                     window)
+        out.update({k: v for k, v in grads.items() if v is not None})
+        mlp = torch.randn(3, 13, 11, generator=g, dtype=dtype)
+        out["bias_table"] = native.bias_table(mlp, torch.randint(0, 11, (7, 5, 2), generator=g),
+                                              torch.rand(7, 5, 2, generator=g, dtype=dtype))
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
+# Runs every kernel twice in a fresh process after torch's own threads have started, and reports
+# the threads the process has (OS and Python) before and after, and the OpenMP runtimes mapped.
+THREADS_SCRIPT = r"""
+import json, os, sys, threading
+import torch
+sys.path.insert(0, TESTS)
+from test_native import _all_kernels
+from transnext.ops import native
+torch.set_num_threads(2)
+x = torch.randn(1 << 22)
+for _ in range(3):
+    x.exp().sum()  # an intra-op parallel torch op: its OpenMP team now exists
+assert native.available(torch.float32)
+before = len(os.listdir("/proc/self/task"))
+for _ in range(2):
+    _all_kernels(torch.float32)
+print(json.dumps({
+    "before": before, "after": len(os.listdir("/proc/self/task")), "python_threads": [t.name for t in threading.enumerate()],
+    "status": native.status(torch.float32),
+    "runtimes": sorted({line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line or "libomp" in line}),
+}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_kernels_run_on_torchs_intra_op_threads(tmp_path) -> None:
+    """Where torch's threads are an OpenMP team, the kernels run on that team: no thread of their
+    own is started (the fallback pool used to start two beside torch's), and one OpenMP runtime
+    (torch's) is mapped."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP here")
+    env = dict(os.environ, TRANSNEXT_CACHE_DIR=str(tmp_path))
+    env.pop(native.ENV_VAR, None)
+    code = f"TESTS = {os.path.dirname(__file__)!r}\n" + THREADS_SCRIPT
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["status"]["threads"].startswith("torch's OpenMP threads"), res["status"]
+    assert res["after"] == res["before"], res
+    assert res["python_threads"] == ["MainThread"], res
+    assert len(res["runtimes"]) == 1, res["runtimes"]
+    assert "runs on torch's OpenMP threads" in native.describe()
+
+
+def test_openmp_and_fallback_builds_give_identical_results(monkeypatch, tmp_path) -> None:
+    """A build without OpenMP (torch on another parallel backend) runs the same ranges on its own
+    threads: every output, the per-thread table gradients included, is bit for bit the same."""
+    if "openmp" not in native.status(torch.float64).get("flags", "").lower():
+        pytest.skip("the kernel is not built with OpenMP here")
+    team = _all_kernels(torch.float64)
+    _fresh_state(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_openmp_runtime", lambda: None)
+    assert native.available(torch.float64)
+    assert native.status(torch.float64)["threads"].startswith("own Python threads")
+    assert "-fopenmp" not in native.status(torch.float64)["flags"]
+    own = _all_kernels(torch.float64)
+    assert team.keys() == own.keys()
+    for name in team:
+        assert torch.equal(team[name], own[name]), name
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernels_run_in_a_forked_child_after_the_parent_used_its_threads() -> None:
+    """Data-loader workers fork after the parent ran the kernels on torch's two threads and run
+    with one thread (as torch's DataLoader sets them; GNU OpenMP, torch's own ops included, cannot
+    start a team again in a forked child): there the kernels run on the calling thread, same results."""
+    expected = _all_kernels(torch.float64)
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 when the results agree, killed by the alarm when it hangs
+        ok = False
+        signal.alarm(60)
+        try:
+            got = _all_kernels(torch.float64, threads=1)
+            ok = all(torch.allclose(got[k], expected[k], rtol=1e-12, atol=1e-12) for k in expected)
         finally:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)

@@ -24,8 +24,15 @@ Where no compiler works (or on a platform it does not handle), :func:`available`
 :class:`NativeKernelWarning` per process says why and how to fix it, and the torch kernels run
 instead with the same results. ``TRANSNEXT_NATIVE=0`` turns the kernel off (no warning).
 
-Work is split over threads (``torch.get_num_threads()``) by contiguous ranges of
-(batch * head, grid row) items; ctypes releases the GIL for the duration of each call.
+Work runs on torch's own intra-op threads: where torch's parallel backend is OpenMP (its Linux
+builds), the kernel is compiled with ``-fopenmp`` and linked against the very OpenMP runtime torch
+loaded, so each call opens a parallel region of ``torch.get_num_threads()`` threads on torch's
+team, the threads (and the waiting policy, ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``) of every other
+torch op, not a second pool competing with them for the cores. The items (bands of query columns
+of one image and head) are split into one contiguous range per thread. Where torch does not use
+OpenMP or the compiler cannot build against its runtime, the library is built without OpenMP and
+the ranges run on a small pool of Python threads instead (ctypes releases the GIL for each call);
+:func:`status` says which (``threads``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,7 +68,7 @@ __all__ = [
 
 ENV_VAR = "TRANSNEXT_NATIVE"
 CACHE_ENV_VAR = "TRANSNEXT_CACHE_DIR"
-ABI_VERSION = 1  # TRANSNEXT_NATIVE_ABI in aggregated_attention.c
+ABI_VERSION = 2  # TRANSNEXT_NATIVE_ABI in aggregated_attention.c
 _XBAND = 16  # query columns per work item (XBAND in the C source)
 _SOURCE = Path(__file__).with_name("aggregated_attention.c")
 _DTYPES = {torch.float32: ("float", ""), torch.float64: ("double", "-DREAL_IS_DOUBLE")}
@@ -74,13 +82,16 @@ PROTOTYPES: dict[str, tuple[type, tuple[type, ...]]] = {
     "transnext_native_abi_version": (_INT, ()),
     "transnext_native_real_size": (_INT, ()),
     "transnext_native_vector_length": (_INT, ()),
-    # qs, kt, vp, kpad, vpad, table, yidx, yw, ltab, extra, out; table_su ... window, item0, item1
-    "transnext_aggregated_attention_forward": (_INT, (_PTR,) * 11 + (_I64,) * 14),
-    # the 10 inputs, g, vt, kp, dqs, dw, dloc, dkp, dvp, dkpad, dvpad, dtable; table_su ... item1
-    "transnext_aggregated_attention_backward": (_INT, (_PTR,) * 21 + (_I64,) * 14),
-    # mlpt, ix, wx, out; h, Uy, UyP, Ux, W, Kw, T, item0, item1
-    "transnext_bias_table": (_INT, (_PTR,) * 4 + (_I64,) * 9),
+    "transnext_native_openmp": (_INT, ()),
+    # qs, kt, vp, kpad, vpad, table, yidx, yw, ltab, extra, out; table_su ... window, item0, item1, threads
+    "transnext_aggregated_attention_forward": (_INT, (_PTR,) * 11 + (_I64,) * 15),
+    # the 10 inputs, g, vt, kp, dqs, dw, dloc, dkp, dvp, dkpad, dvpad, dtable; dtable_stride, table_su ... threads
+    "transnext_aggregated_attention_backward": (_INT, (_PTR,) * 21 + (_I64,) * 16),
+    # mlpt, ix, wx, out; h, Uy, UyP, Ux, W, Kw, T, item0, item1, threads
+    "transnext_bias_table": (_INT, (_PTR,) * 4 + (_I64,) * 10),
 }
+# Names of the GNU OpenMP runtime as torch's wheels ship it (libgomp.so.1, or a hashed copy).
+_GOMP = re.compile(r"libgomp(?:-[0-9a-f]+)?\.so(?:\.\d+)*")
 
 # Feature macros of the x86-64 levels: a level is targeted when the compiler defines, for this CPU
 # (-march=native), every one of them that it defines for the level.
@@ -210,17 +221,46 @@ def _targets(cc: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 
 
 @functools.cache
+def _openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime torch's intra-op threads run on, where torch's parallel backend is
+    OpenMP: the libgomp mapped into this process (torch loaded it), else one in torch's lib
+    directory. None where torch uses another backend or runtime (the kernel then runs on its own
+    Python threads)."""
+    try:
+        if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            return None
+    except Exception:  # an unusual build that cannot describe itself: no OpenMP to share
+        return None
+    found: list[Path] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and _GOMP.fullmatch(os.path.basename(fields[5].strip())):
+                found.append(Path(fields[5].strip()))
+    if not found:
+        found = sorted(p for p in (Path(torch.__file__).parent / "lib").glob("libgomp*.so*") if _GOMP.fullmatch(p.name))
+    return next((p for p in found if p.is_file()), None)
+
+
+def _openmp_flags(cc: tuple[str, ...]) -> list[str]:
+    """Compile flags that emit calls into the GNU OpenMP runtime (clang's default runtime is another)."""
+    clang = "#define __clang__ 1" in (_macros(cc, ()) or ())
+    return ["-fopenmp=libgomp"] if clang else ["-fopenmp"]
+
+
+@functools.cache
 def _identity(cc: tuple[str, ...]) -> str:
     """The compiler's version and target, not its path: one image's compiler anywhere is one compiler."""
     return _run([*cc, "--version"]).stdout + "\0" + _run([*cc, "-dumpmachine"]).stdout
 
 
-def _build_key(cc: tuple[str, ...], args: list[str], source: bytes) -> str:
+def _build_key(cc: tuple[str, ...], args: list[str], source: bytes, runtime: str = "") -> str:
     """Hash of everything the built code depends on: the source, the compiler identity, the
-    arguments and the macros they define (what -march=native resolves to). Not the host: machines
-    of one level with one compiler share a build."""
+    arguments and the macros they define (what -march=native resolves to), and the name of the
+    OpenMP runtime it is linked against. Not the host: machines of one level with one compiler
+    share a build."""
     macros = "\n".join(sorted(_macros(cc, tuple(args)) or ()))
-    parts = [source, str(ABI_VERSION), _identity(cc), " ".join(args), macros]
+    parts = [source, str(ABI_VERSION), _identity(cc), " ".join(args), macros, runtime]
     return hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:16]
 
 
@@ -305,29 +345,41 @@ def _open(path: Path, real_size: int) -> ctypes.CDLL:
         raise _Stale(f"the cached library {path} has ABI {abi} / {rsize}-byte reals, not {ABI_VERSION} / {real_size}")
     if lib.transnext_native_vector_length() * real_size != 32:
         raise _Stale(f"the cached library {path} has an unexpected vector length")
+    lib.transnext_openmp = bool(lib.transnext_native_openmp())
     return lib
 
 
-def _build(cc: list[str], args: list[str], where: Path, stem: str, real_size: int) -> Path:
+def _build(cc: list[str], args: list[str], where: Path, stem: str, real_size: int, runtime: Path | None = None) -> Path:
     """Compile into ``where`` under a temporary name, then move the library to its content-named
     file and its record beside it, each with os.replace: a reader never sees a partial file, and a
-    record always names a complete library."""
+    record always names a complete library. With ``runtime`` (``args`` then holding the OpenMP
+    flag) the library is linked against that OpenMP runtime."""
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=where)
     os.close(fd)
+    obj = tmp[:-3] + ".o"
     try:
-        proc = _run([*cc, *args, "-o", tmp, str(_SOURCE), "-lm"], timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip()[-500:] or f"exit code {proc.returncode}")
+        if runtime is None:
+            steps = [[*cc, *args, "-o", tmp, str(_SOURCE), "-lm"]]
+        else:
+            # Compiled with OpenMP, linked without the driver's own runtime and against torch's: the
+            # library needs that runtime's soname, which the loader finds already loaded by torch.
+            link = [a for a in args if not a.startswith("-fopenmp")]
+            steps = [[*cc, *args, "-c", "-o", obj, str(_SOURCE)], [*cc, *link, "-o", tmp, obj, str(runtime), "-lm"]]
+        for cmd in steps:
+            proc = _run(cmd, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip()[-500:] or f"exit code {proc.returncode}")
         os.chmod(tmp, 0o700)
         digest = _sha256(Path(tmp))
         path = where / f"{stem}-{digest[:16]}.so"
         size = os.stat(tmp).st_size
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for left in (tmp, obj):
+            if os.path.exists(left):
+                os.unlink(left)
     record = {"library": path.name, "size": size, "sha256": digest, "abi": ABI_VERSION, "real_size": real_size,
-              "flags": " ".join(args)}
+              "flags": " ".join(args), "openmp_runtime": runtime.name if runtime is not None else None}
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".json", dir=where)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
@@ -354,10 +406,17 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL:
     real, define = _DTYPES[dtype]
     real_size = torch.empty((), dtype=dtype).element_size()
     where = _library_dir()
+    runtime = _openmp_runtime()
     errors = []
-    for isa, flags in _targets(tuple(cc)):
-        args = [f"-DREAL={real}", *([define] if define else []), *flags, *_COMMON_FLAGS]
-        stem = f"aggregated_attention_{real}_{isa}_{_build_key(tuple(cc), args, source)}"
+    openmp_error = None
+    # On torch's OpenMP threads where it can be built so; else (or where that build fails) on our own.
+    builds = [(isa, flags, omp) for isa, flags in _targets(tuple(cc)) for omp in ((runtime, None) if runtime else (None,))]
+    for isa, flags, omp in builds:
+        omp_flags = _openmp_flags(tuple(cc)) if omp is not None else []
+        args = [f"-DREAL={real}", *([define] if define else []), *flags, *_COMMON_FLAGS, *omp_flags]
+        key = _build_key(tuple(cc), args, source, omp.name if omp is not None else "")
+        stem = f"aggregated_attention_{real}_{isa}{'_omp' if omp is not None else ''}_{key}"
+        what = " ".join(flags + omp_flags) or "default flags"
         origin = "cache"
         try:
             path = _verified(where, stem, real_size)
@@ -371,17 +430,25 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL:
             _warn_once(f"stale-{stem}", f"transnext: {stale}; the native kernel is rebuilt.")
         if lib is None:
             try:
-                path = _build(cc, args, where, stem, real_size)
+                path = _build(cc, args, where, stem, real_size, omp)
             except RuntimeError as exc:
-                errors.append(f"{' '.join(flags) or 'default flags'}: {exc}")
+                errors.append(f"{what}: {exc}")
+                if omp is not None and openmp_error is None:
+                    openmp_error = (str(exc).strip().splitlines() or ["?"])[-1]
                 continue
             try:
                 lib = _open(_verified(where, stem, real_size), real_size)
             except _Stale as stale:  # a fresh build that fails its own checks: report, never loop
-                errors.append(f"{' '.join(flags) or 'default flags'}: {stale}")
+                errors.append(f"{what}: {stale}")
                 continue
             _discard(where, stem, path)
-        _info[dtype] = {"path": str(path), "isa": isa, "origin": origin, "flags": " ".join(args)}
+        if lib.transnext_openmp:
+            threads = f"torch's OpenMP threads ({omp.name if omp is not None else 'OpenMP'})"
+        elif runtime is None:
+            threads = "own Python threads (torch's threads are not an OpenMP team this kernel can join)"
+        else:
+            threads = f"own Python threads (building against torch's OpenMP runtime failed: {openmp_error})"
+        _info[dtype] = {"path": str(path), "isa": isa, "origin": origin, "flags": " ".join(args), "threads": threads}
         return lib
     raise RuntimeError("compiling the native kernel failed: " + " | ".join(errors))
 
@@ -432,7 +499,8 @@ def describe(dtype: torch.dtype = torch.float32) -> str:
         return f"native kernel: off ({s['reason']}); the torch kernels run"
     if s["state"] == "unavailable":
         return f"native kernel: not available ({s['reason']}); the torch kernels run"
-    return f"native kernel: {s.get('isa', '?')}, {s.get('origin', 'loaded')}, loaded from {s.get('path', '?')}"
+    line = f"native kernel: {s.get('isa', '?')}, {s.get('origin', 'loaded')}, loaded from {s.get('path', '?')}"
+    return line + (f"; runs on {s['threads']}" if s.get("threads") else "")
 
 
 def supports(q: Tensor, window: int) -> bool:
@@ -457,8 +525,8 @@ def usable(*tensors: Tensor) -> bool:
 
 
 def _forget_pool() -> None:
-    # A forked child (data-loader workers, multiprocessing) inherits the pool object but not its
-    # threads: it starts its own on first use.
+    # A forked child (data-loader workers, multiprocessing) inherits the fallback pool object but
+    # not its threads: it starts its own on first use.
     global _pool
     _pool = None
 
@@ -478,15 +546,24 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-def _parallel(fn, items: int, *args) -> None:
-    """Run ``fn(*args, item0, item1)`` over [0, items) split into one contiguous range per thread."""
-    workers = max(1, min(torch.get_num_threads(), items))
-    bounds = [items * i // workers for i in range(workers + 1)]
+def _workers(items: int) -> int:
+    return max(1, min(torch.get_num_threads(), items))
 
-    def run(i: int) -> int:
-        return fn(*args, bounds[i], bounds[i + 1])
 
-    codes = [run(0)] if workers == 1 else list(_executor(workers).map(run, range(workers)))
+def _parallel(lib: ctypes.CDLL, fn: Callable[..., int], items: int, args: Callable[[int], Sequence[object]]) -> None:
+    """Run ``fn(*args(t), item0, item1, threads)`` over the items [0, items), one contiguous range
+    per thread (range t = items * t // n .. items * (t + 1) // n of n threads, as in the C side).
+
+    An OpenMP build splits the items itself on torch's intra-op team: one call, ``args(0)``. A
+    build without OpenMP gets one call per range on the fallback pool, each with ``args(t)`` and
+    one thread, so per-thread outputs are laid out the same either way.
+    """
+    workers = _workers(items)
+    if workers == 1 or lib.transnext_openmp:
+        codes = [fn(*args(0), 0, items, workers)]
+    else:
+        bounds = [items * i // workers for i in range(workers + 1)]
+        codes = list(_executor(workers).map(lambda i: fn(*args(i), bounds[i], bounds[i + 1], 1), range(workers)))
     if any(codes):
         raise RuntimeError(f"a native kernel rejected its arguments (code {min(codes)})")
 
@@ -513,8 +590,8 @@ def bias_table(mlp_table: Tensor, x_index: Tensor, x_weight: Tensor) -> Tensor:
     wx = x_weight.to(mlp_table.dtype).contiguous()
     out = mlp_table.new_empty((uy, h, W, kw))
     with torch.profiler.record_function("transnext::native_bias_table"):
-        _parallel(lib.transnext_bias_table, h * (uyp // vl), _ptr(mlpt), _ptr(ix), _ptr(wx), _ptr(out), h, uy, uyp, ux,
-                  W, kw, taps)
+        args = (_ptr(mlpt), _ptr(ix), _ptr(wx), _ptr(out), h, uy, uyp, ux, W, kw, taps)
+        _parallel(lib, lib.transnext_bias_table, h * (uyp // vl), lambda _: args)
     return out
 
 
@@ -567,7 +644,8 @@ def aggregated_attention_forward(
     out = qs.new_empty((B, h, N, d))
     ptrs = [_ptr(t) for t in inputs] + [_ptr(out)]
     with torch.profiler.record_function("transnext::native_aggregated_attention"):
-        _parallel(lib.transnext_aggregated_attention_forward, B * h * -(-size[1] // _XBAND), *ptrs, *dims, window)
+        args = (*ptrs, *dims, window)
+        _parallel(lib, lib.transnext_aggregated_attention_forward, B * h * -(-size[1] // _XBAND), lambda _: args)
     return out
 
 
@@ -599,22 +677,18 @@ def aggregated_attention_backward(
     dk_pad = torch.zeros_like(inputs[3]) if want_k else None
     dv_pad = torch.zeros_like(inputs[4]) if want_v else None
     items = B * h
-    workers = max(1, min(torch.get_num_threads(), items))
     table_c = inputs[5]
     # Heads are shared by the images of a batch: each thread sums its table gradient apart.
-    dtables = qs.new_zeros((workers, *table_c.shape)) if want_table else None
-    bounds = [items * i // workers for i in range(workers + 1)]
-    fn = lib.transnext_aggregated_attention_backward
+    dtables = qs.new_zeros((_workers(items), *table_c.shape)) if want_table else None
+    stride = table_c.numel()
     ptrs = [_ptr(t) for t in inputs] + [_ptr(g), _ptr(vt), _ptr(kp), _ptr(dqs), _ptr(dw), _ptr(dloc), _ptr(dkp),
                                         _ptr(dvp), _ptr(dk_pad) if want_k else None, _ptr(dv_pad) if want_v else None]
 
-    def run(i: int) -> int:
+    def args(i: int) -> list[object]:
         dtable = _ptr(dtables[i]) if dtables is not None else None
-        return fn(*ptrs, dtable, *dims, window, bounds[i], bounds[i + 1])
+        return [*ptrs, dtable, stride, *dims, window]
 
     with torch.profiler.record_function("transnext::native_aggregated_attention_backward"):
-        codes = [run(0)] if workers == 1 else list(_executor(workers).map(run, range(workers)))
-    if any(codes):
-        raise RuntimeError(f"a native kernel rejected its arguments (code {min(codes)})")
+        _parallel(lib, lib.transnext_aggregated_attention_backward, items, args)
     dtable = dtables.sum(0) if dtables is not None else None
     return dict(dqs=dqs, dw=dw, dloc=dloc, dkp=dkp, dvp=dvp, dk_pad=dk_pad, dv_pad=dv_pad, dtable=dtable)

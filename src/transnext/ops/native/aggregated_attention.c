@@ -2,9 +2,12 @@
  * queries at a time, in registers and a per-thread scratch row, never a (heads, N, Np) tensor.
  *
  * Compiled on first use by transnext.ops.native (one shared library per element type: -DREAL=float
- * or -DREAL=double) and called through ctypes, one contiguous range of (batch*head, grid row)
- * work items per thread. Portable C with GCC/Clang vector extensions (32-byte vectors: AVX2 on
- * x86, two NEON registers on arm64); no intrinsics, no OpenMP, no torch headers.
+ * or -DREAL=double) and called through ctypes. Each entry point splits its work items into one
+ * contiguous range per thread of an OpenMP team: built with -fopenmp and linked against the OpenMP
+ * runtime torch itself loaded, that team is torch's own intra-op threads (no second pool beside
+ * them); built without OpenMP it runs its range on the calling thread. Portable C with GCC/Clang
+ * vector extensions (32-byte vectors: AVX2 on x86, two NEON registers on arm64); no intrinsics,
+ * no omp.h, no torch headers.
  *
  * Layouts (all contiguous; BH = batch * heads, P = pooled keys, PP = P rounded up to 2 vectors):
  *   qs     (BH, N, d)          scaled queries (q_hat + query_embedding) * temperature * length_scale
@@ -45,6 +48,39 @@ typedef int32_t ivec __attribute__((vector_size(VBYTES)));
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+
+#ifdef _OPENMP
+/* Declared here rather than through omp.h: the runtime is torch's, whose headers need not be installed. */
+int omp_get_thread_num(void);
+int omp_get_num_threads(void);
+#endif
+
+/* One thread's share of an entry point: items [item0, item1), ``tid`` its index in the team. */
+typedef int (*work_fn)(const void *ctx, int64_t item0, int64_t item1, int64_t tid);
+
+/* Runs ``work`` over [item0, item1) in ``threads`` contiguous ranges (range t = items * t / n ..
+ * items * (t + 1) / n of the team's n threads), on the OpenMP team where built with OpenMP, else
+ * on the calling thread as one range. Returns 0 or the negative code of a failing range. */
+static int run_split(work_fn work, const void *ctx, int64_t item0, int64_t item1, int64_t threads) {
+    const int64_t items = item1 - item0;
+    if (threads > items) threads = items;
+#ifdef _OPENMP
+    if (threads > 1) {
+        int status = 0;
+#pragma omp parallel num_threads((int)threads)
+        {
+            const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+            const int rc = work(ctx, item0 + items * t / n, item0 + items * (t + 1) / n, t);
+            if (rc != 0) {
+#pragma omp atomic write
+                status = rc;
+            }
+        }
+        return status;
+    }
+#endif
+    return items > 0 ? work(ctx, item0, item1, 0) : 0;
+}
 
 INLINE vec vload(const REAL *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 INLINE void vstore(REAL *p, vec v) { memcpy(p, &v, sizeof v); }
@@ -376,45 +412,76 @@ static int check(int64_t d, int64_t P, int64_t PP, int64_t Kh, int64_t Kw, int64
 /* Entry points (one symbol per element type). ``table`` is addressed as
  * table[u * table_su + head * table_sh + x * Kw + kx]. They return 0, or a negative code for
  * arguments they do not take (the caller checks them first; this is a last guard). */
-int transnext_aggregated_attention_forward(
-    const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad, const REAL *table,
-    const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, REAL *out, int64_t table_su,
-    int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P, int64_t PP, int64_t Kh, int64_t Kw,
-    int64_t T, int64_t window, int64_t item0, int64_t item1) {
-    if (!check(d, P, PP, Kh, Kw, window)) return -1;
-    const Problem pb = {qs, kt, vp, kpad, vpad, table, yw, ltab, extra, yidx, table_su, table_sh, h, H, W, P, PP, Kh, Kw, T, window};
-    const int64_t LP = (window * window + VL - 1) / VL * VL;
-    REAL *lg = (REAL *)malloc(sizeof(REAL) * (size_t)(QT * (PP + LP)));
+typedef struct {
+    Problem pb;
+    REAL *out;
+    int64_t d;
+} ForwardJob;
+
+static int forward_range(const void *ctx, int64_t item0, int64_t item1, int64_t tid) {
+    (void)tid;
+    const ForwardJob *job = (const ForwardJob *)ctx;
+    const int64_t d = job->d, LP = (job->pb.window * job->pb.window + VL - 1) / VL * VL;
+    REAL *lg = (REAL *)malloc(sizeof(REAL) * (size_t)(QT * (job->pb.PP + LP)));
     if (lg == NULL) return -2;
-#define FWD(DV_) forward_items(&pb, out, item0, item1, lg, DV_)
+#define FWD(DV_) forward_items(&job->pb, job->out, item0, item1, lg, DV_)
     DISPATCH_DV(FWD)
 #undef FWD
     free(lg);
     return 0;
 }
 
-/* Backward; items are whole (image, head) pairs (bh). vt: the pooled values in the panel layout of
- * kt; kp: the normalised pooled keys (BH, P, d). Outputs dqs (BH, N, d), dw and dloc (BH, N, L: the
- * gradients of the window weights and of the window logits), dkp / dvp (BH, P, d), dkpad / dvpad
- * (layout of kpad; may be NULL), dtable (layout of table; may be NULL) are accumulated into (all
- * zeroed by the caller, except dqs, dw and dloc which are written). */
-int transnext_aggregated_attention_backward(
+/* Items [item0, item1) over ``threads`` threads (see run_split). */
+int transnext_aggregated_attention_forward(
     const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad, const REAL *table,
-    const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, const REAL *g, const REAL *vt,
-    const REAL *kp, REAL *dqs, REAL *dw, REAL *dloc, REAL *dkp, REAL *dvp, REAL *dkpad, REAL *dvpad, REAL *dtable,
-    int64_t table_su, int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P, int64_t PP,
-    int64_t Kh, int64_t Kw, int64_t T, int64_t window, int64_t item0, int64_t item1) {
+    const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, REAL *out, int64_t table_su,
+    int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P, int64_t PP, int64_t Kh, int64_t Kw,
+    int64_t T, int64_t window, int64_t item0, int64_t item1, int64_t threads) {
     if (!check(d, P, PP, Kh, Kw, window)) return -1;
-    const Problem pb = {qs, kt, vp, kpad, vpad, table, yw, ltab, extra, yidx, table_su, table_sh, h, H, W, P, PP, Kh, Kw, T, window};
-    const int64_t LP = (window * window + VL - 1) / VL * VL;
+    const ForwardJob job = {{qs, kt, vp, kpad, vpad, table, yw, ltab, extra, yidx, table_su, table_sh, h, H, W, P, PP, Kh,
+                             Kw, T, window}, out, d};
+    return run_split(forward_range, &job, item0, item1, threads);
+}
+
+typedef struct {
+    Problem pb;
+    const REAL *g, *vt, *kp;
+    REAL *dqs, *dw, *dloc, *dkp, *dvp, *dkpad, *dvpad, *dtable;
+    int64_t dtable_stride, d;
+} BackwardJob;
+
+static int backward_range(const void *ctx, int64_t item0, int64_t item1, int64_t tid) {
+    const BackwardJob *job = (const BackwardJob *)ctx;
+    const int64_t d = job->d, PP = job->pb.PP, LP = (job->pb.window * job->pb.window + VL - 1) / VL * VL;
+    REAL *dtable = job->dtable != NULL ? job->dtable + tid * job->dtable_stride : NULL;
     REAL *lg = (REAL *)malloc(sizeof(REAL) * (size_t)(2 * QT * (PP + LP)));
     if (lg == NULL) return -2;
-#define BWD(DV_) backward_items(&pb, g, vt, kp, dqs, dw, dloc, dkp, dvp, dkpad, dvpad, dtable, item0, item1, lg, \
-                                lg + QT * (PP + LP), DV_)
+#define BWD(DV_) backward_items(&job->pb, job->g, job->vt, job->kp, job->dqs, job->dw, job->dloc, job->dkp, job->dvp, \
+                                job->dkpad, job->dvpad, dtable, item0, item1, lg, lg + QT * (PP + LP), DV_)
     DISPATCH_DV(BWD)
 #undef BWD
     free(lg);
     return 0;
+}
+
+/* Backward; items are whole (image, head) pairs (bh), over ``threads`` threads (see run_split).
+ * vt: the pooled values in the panel layout of kt; kp: the normalised pooled keys (BH, P, d).
+ * Outputs dqs (BH, N, d), dw and dloc (BH, N, L: the gradients of the window weights and of the
+ * window logits), dkp / dvp (BH, P, d), dkpad / dvpad (layout of kpad; may be NULL) are
+ * accumulated into (all zeroed by the caller, except dqs, dw and dloc which are written). Heads
+ * are shared by the images of a batch, so the table gradient is accumulated per thread: thread t
+ * of the team into dtable + t * dtable_stride (layout of table; room for ``threads`` of them,
+ * zeroed, summed by the caller), or not at all where dtable is NULL. */
+int transnext_aggregated_attention_backward(
+    const REAL *qs, const REAL *kt, const REAL *vp, const REAL *kpad, const REAL *vpad, const REAL *table,
+    const int64_t *yidx, const REAL *yw, const REAL *ltab, const REAL *extra, const REAL *g, const REAL *vt,
+    const REAL *kp, REAL *dqs, REAL *dw, REAL *dloc, REAL *dkp, REAL *dvp, REAL *dkpad, REAL *dvpad, REAL *dtable,
+    int64_t dtable_stride, int64_t table_su, int64_t table_sh, int64_t h, int64_t H, int64_t W, int64_t d, int64_t P,
+    int64_t PP, int64_t Kh, int64_t Kw, int64_t T, int64_t window, int64_t item0, int64_t item1, int64_t threads) {
+    if (!check(d, P, PP, Kh, Kw, window)) return -1;
+    const BackwardJob job = {{qs, kt, vp, kpad, vpad, table, yw, ltab, extra, yidx, table_su, table_sh, h, H, W, P, PP, Kh,
+                              Kw, T, window}, g, vt, kp, dqs, dw, dloc, dkp, dvp, dkpad, dvpad, dtable, dtable_stride, d};
+    return run_split(backward_range, &job, item0, item1, threads);
 }
 
 /* The pooled-key bias with the x axis resolved (the ``table`` above) from the bias MLP evaluated on
@@ -423,9 +490,21 @@ int transnext_aggregated_attention_backward(
  * (item = head * UyP / VL + block: VL unique rows u at a time). Along u the taps are the same, so one
  * entry's indices and weights are read once for VL rows and its products are vector FMAs; the VL
  * results go to VL rows of the output, each written sequentially. */
-int transnext_bias_table(const REAL *mlpt, const int64_t *ix, const REAL *wx, REAL *out, int64_t h, int64_t Uy,
-                         int64_t UyP, int64_t Ux, int64_t W, int64_t Kw, int64_t T, int64_t item0, int64_t item1) {
-    const int64_t E = W * Kw, blocks = UyP / VL, su = h * E;
+typedef struct {
+    const REAL *mlpt, *wx;
+    const int64_t *ix;
+    REAL *out;
+    int64_t h, Uy, UyP, Ux, W, Kw, T;
+} BiasJob;
+
+static int bias_range(const void *ctx, int64_t item0, int64_t item1, int64_t tid) {
+    (void)tid;
+    const BiasJob *job = (const BiasJob *)ctx;
+    const REAL *mlpt = job->mlpt, *wx = job->wx;
+    const int64_t *ix = job->ix;
+    REAL *out = job->out;
+    const int64_t h = job->h, Uy = job->Uy, UyP = job->UyP, Ux = job->Ux, Kw = job->Kw, T = job->T;
+    const int64_t E = job->W * Kw, blocks = UyP / VL, su = h * E;
     for (int64_t item = item0; item < item1; item++) {
         const int64_t head = item / blocks, u0 = (item % blocks) * VL;
         const int64_t nu = Uy - u0 < VL ? Uy - u0 : VL;
@@ -442,11 +521,27 @@ int transnext_bias_table(const REAL *mlpt, const int64_t *ix, const REAL *wx, RE
     return 0;
 }
 
+int transnext_bias_table(const REAL *mlpt, const int64_t *ix, const REAL *wx, REAL *out, int64_t h, int64_t Uy,
+                         int64_t UyP, int64_t Ux, int64_t W, int64_t Kw, int64_t T, int64_t item0, int64_t item1,
+                         int64_t threads) {
+    const BiasJob job = {mlpt, wx, ix, out, h, Uy, UyP, Ux, W, Kw, T};
+    return run_split(bias_range, &job, item0, item1, threads);
+}
+
 int transnext_native_vector_length(void) { return VL; }
+
+/* 1 where the entry points run their ranges on an OpenMP team, 0 where on the calling thread only. */
+int transnext_native_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* Checked by the loader before any other entry point is called: a library built from another
  * revision of this file (other argument lists) or for the other element type is rebuilt, never
  * called. Bump TRANSNEXT_NATIVE_ABI (and ABI_VERSION in __init__.py) when a prototype changes. */
-#define TRANSNEXT_NATIVE_ABI 1
+#define TRANSNEXT_NATIVE_ABI 2
 int transnext_native_abi_version(void) { return TRANSNEXT_NATIVE_ABI; }
 int transnext_native_real_size(void) { return (int)sizeof(REAL); }
