@@ -1,0 +1,185 @@
+"""Mask2Former on TransNeXt: any input size, finite losses on degenerate label maps, inference modes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transnext.dense.inference import segment_image
+from transnext.dense.mask2former import (
+    Mask2Former,
+    Mask2FormerLoss,
+    mask2former_transnext,
+    semantic_inference,
+    semantic_to_instances,
+    uncertain_point_coords,
+)
+
+NUM_CLASSES = 5
+
+
+def tiny(num_classes: int = NUM_CLASSES, **kw) -> Mask2Former:
+    torch.manual_seed(0)
+    return mask2former_transnext(
+        "transnext_micro", num_classes=num_classes, img_size=64, pretrain_size=64, drop_path_rate=0.0, embed_dims=(16, 24, 32, 40),
+        num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2), num_queries=4, feat_channels=32, decoder_layers=2,
+        encoder_layers=1, head_kwargs=dict(num_heads=2, num_points=2, encoder_ffn_dims=32, decoder_ffn_dims=32, num_groups=8),
+        loss_kwargs=dict(num_points=48), **kw)
+
+
+@pytest.fixture(scope="module")
+def model() -> Mask2Former:
+    return tiny()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (77, 101), (96, 45)])
+def test_inference_gives_class_scores_at_any_input_size(model, size) -> None:
+    model.eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        scores = model(x)
+    assert scores.shape == (2, NUM_CLASSES, *size)
+    assert torch.isfinite(scores).all()
+    # softmax class shares (< 1 without "no object") times sigmoid masks, summed over 4 queries
+    assert scores.min() >= 0 and scores.sum(1).max() <= 4
+
+
+def _check_losses(model: Mask2Former, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    losses = model(x, labels)
+    assert set(losses) == {"loss", "loss_cls", "loss_mask", "loss_dice", "loss_aux"}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    losses["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    return losses
+
+
+def test_losses_are_finite_and_train_on_odd_non_square_crops(model) -> None:
+    x = torch.randn(2, 3, 70, 99)
+    labels = torch.randint(0, NUM_CLASSES, (2, 70, 99))
+    labels[0, :12] = 255
+    losses = _check_losses(model, x, labels)
+    assert float(losses["loss_mask"]) > 0 and float(losses["loss_dice"]) > 0
+    total = losses["loss_cls"] + losses["loss_mask"] + losses["loss_dice"] + losses["loss_aux"]
+    assert torch.allclose(losses["loss"], total)
+
+
+def test_only_ignore_labels_give_a_class_loss_and_zero_mask_losses(model) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    losses = _check_losses(model, x, torch.full((2, 64, 64), 255))
+    assert float(losses["loss_mask"]) == 0.0 and float(losses["loss_dice"]) == 0.0
+    assert float(losses["loss_cls"]) > 0  # every query is pushed towards "no object"
+
+
+def test_only_background_labels_and_a_mixed_batch_train(model) -> None:
+    x = torch.randn(2, 3, 64, 80)
+    labels = torch.zeros(2, 64, 80, dtype=torch.long)
+    labels[1] = 255
+    losses = _check_losses(model, x, labels)
+    assert float(losses["loss_mask"]) > 0
+
+
+def test_a_parameter_step_lowers_the_loss_on_a_fixed_batch() -> None:
+    m = tiny()
+    x = torch.randn(1, 3, 64, 64)
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[:, 20:50, 10:40] = 3
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    first = None
+    for _ in range(8):
+        opt.zero_grad()
+        loss = m(x, labels)["loss"]
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    torch.manual_seed(1)
+    assert float(m(x, labels)["loss"]) < first
+
+
+def test_whole_and_slide_inference_through_segment_image(model) -> None:
+    model.eval()
+    x = torch.randn(1, 3, 72, 110)
+    whole = segment_image(model, x, mode="whole")
+    slide = segment_image(model, x, mode="slide", crop=64, stride=40)
+    ms = segment_image(model, x, scales=(0.75, 1.0), flip=True)
+    for s in (whole, slide, ms):
+        assert s.shape == (1, NUM_CLASSES, 72, 110) and torch.isfinite(s).all()
+    assert (whole - slide).abs().max() > 1e-4  # the windows really differ from one pass
+
+
+def test_state_dict_round_trip_gives_the_same_scores(model, tmp_path) -> None:
+    from transnext.checkpoints import load_state_dict, save_state_dict
+
+    model.eval()
+    path = save_state_dict(model.state_dict(), tmp_path / "m2f.safetensors")
+    other = tiny()
+    torch.manual_seed(5)
+    for p in other.decode_head.parameters():
+        torch.nn.init.normal_(p)
+    other.load_state_dict(load_state_dict(path), strict=True)
+    other.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), other(x))
+
+
+def test_masked_attention_threshold_and_the_all_masked_rule() -> None:
+    head = tiny().decode_head
+    last = head.mask_embed[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(1.0)
+    q = torch.zeros(1, 4, 32)
+    feats = -torch.ones(1, 32, 6, 8)  # every mask logit -32: sigmoid < 0.5 everywhere
+    _, masks, attn = head._predict(q, feats, (3, 4))
+    assert (masks < 0).all() and not attn.any(), "a query masked everywhere must attend everywhere"
+    feats[..., :3, :] = 1.0  # the top half positive: attended there only
+    _, _, attn = head._predict(q, feats, (6, 8))
+    assert attn.shape == (head.num_heads * 1, 4, 48)
+    grid = attn[0, 0].view(6, 8)
+    assert not grid[:3].any() and grid[3:].all()
+
+
+def test_importance_sampling_prefers_uncertain_points() -> None:
+    logits = torch.full((1, 1, 8, 8), 10.0)
+    logits[..., :, :4] = 0.0  # the left half sits on the decision boundary
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, device=None):
+        return torch.rand(*shape, generator=g)
+
+    pts = uncertain_point_coords(logits, 40, 3.0, 0.75, rand)
+    assert pts.shape == (1, 40, 2)
+    assert (pts[0, :30, 0] < 0.5).float().mean() > 0.95  # the 30 importance points come from the uncertain half
+
+
+def test_semantic_to_instances_and_inference_formula() -> None:
+    lab = torch.tensor([[0, 0, 255], [3, 3, 255]])
+    classes, masks = semantic_to_instances(lab, 4)
+    assert classes.tolist() == [0, 3] and masks.sum().item() == 4 and not masks[:, :, 2].any()
+    cls = torch.randn(1, 3, 3)
+    mask_logits = torch.randn(1, 3, 2, 2)
+    scores = semantic_inference(cls, mask_logits, (2, 2))
+    expected = torch.einsum("qc,qhw->chw", cls[0].softmax(-1)[:, :-1], mask_logits[0].sigmoid())
+    assert torch.allclose(scores[0], expected)
+
+
+def test_bad_inputs_are_refused_with_what_was_expected(model) -> None:
+    model.train()
+    with pytest.raises(ValueError, match=r"images \[batch, 3, height, width\], got shape \(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"at least 32 x 32 pixels \(the stride-32 map\), got \(16, 64\)"):
+        model(torch.randn(1, 3, 16, 64))
+    with pytest.raises(ValueError, match=r"class ids \[7\] outside 0\.\.4 \(ignore index 255\)"):
+        model(torch.randn(1, 3, 64, 64), torch.full((1, 64, 64), 7))
+    with pytest.raises(ValueError, match=r"labels must be \[batch, height, width\] label maps matching 2 images"):
+        model(torch.randn(2, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"integer class ids, got dtype torch.float32"):
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match=r"num_classes must be >= 1"):
+        tiny(num_classes=0)
+    with pytest.raises(ValueError, match=r"importance_sample_ratio in \[0, 1\]"):
+        Mask2FormerLoss(3, importance_sample_ratio=1.5)
