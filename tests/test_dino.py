@@ -116,6 +116,7 @@ pytest.importorskip("scipy")
 
 TRUNK = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], img_size=64,
              pretrain_size=64, drop_path_rate=0.0)
+TRUNK_ARCH = {k: TRUNK[k] for k in ("embed_dims", "num_heads", "depths", "mlp_ratios")}
 TINY = dict(embed_dims=32, num_heads=4, num_points=2, ffn_dims=64, num_encoder_layers=1, num_decoder_layers=2, num_queries=16,
             dn_queries=8, max_per_img=10, gn_groups=8, min_size=(48, 64), max_size=80)
 
@@ -249,3 +250,68 @@ def test_hungarian_match_and_giou():
     want = torch.tensor([[1 / 7 - 2 / 9, 1.0, -0.5]])
     assert torch.allclose(generalized_box_iou(a, b), want, atol=1e-6)
     assert torch.allclose(generalized_box_iou(a.expand(3, 4), b, aligned=True), want[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------- engine integration
+def test_detection_config_accepts_dino_and_checks_its_fields():
+    from transnext.dense.config import DetectionConfig, resolve_dense_config
+
+    cfg = resolve_dense_config(DetectionConfig, "detect_demo_dino", None, {"output": "x"}, require_data=False)
+    assert cfg.detector == "dino" and cfg.num_feature_levels == 4 and cfg.num_queries == 60
+    with pytest.raises(ValueError, match="num_feature_levels must be 4 or 5 for DINO, got 3"):
+        resolve_dense_config(DetectionConfig, "detect_demo_dino", None, {"num_feature_levels": 3}, require_data=False)
+    with pytest.raises(ValueError, match="mask_rcnn, retinanet, fcos or dino"):
+        resolve_dense_config(DetectionConfig, None, None, {"detector": "detr"}, require_data=False)
+
+
+def test_build_dense_model_makes_dino_with_the_engine_labels():
+    from transnext.dense.config import DetectionConfig, resolve_dense_config
+    from transnext.dense.modeling import build_dense_model, dense_arch
+
+    cfg = resolve_dense_config(DetectionConfig, "detect_demo_dino", None, dict(
+        model_kwargs=TRUNK_ARCH, img_size=64, pretrain_size=64,
+        num_queries=7, dn_queries=4, detections_per_img=5,
+        detector_kwargs=dict(embed_dims=32, num_heads=4, num_points=2, ffn_dims=64, num_encoder_layers=1, num_decoder_layers=1)),
+        require_data=False)
+    arch = dense_arch(cfg, 11, "detect")  # 10 categories + the engine's background
+    assert (arch["num_queries"], arch["dn_queries"], arch["num_feature_levels"]) == (7, 4, 4)
+    model = build_dense_model(arch)
+    assert model.num_classes == 10 and model.label_offset == 1 and model.max_per_img == 5 and model.num_queries == 7
+    assert model.dn_query_generator.num_dn_queries == 4 and model.backbone.out_indices == (1, 2, 3)
+    losses = model.train()([torch.rand(3, 64, 64)], [dict(boxes=torch.tensor([[2.0, 3.0, 40.0, 30.0]]), labels=torch.tensor([10]))])
+    assert torch.isfinite(sum(losses.values()))
+
+
+def test_dino_trains_saves_and_reloads_through_the_engine(tmp_path):
+    pytest.importorskip("pycocotools")
+    from transnext.data.dense_demo import write_dense_demo
+    from transnext.dense.config import DetectionConfig, resolve_dense_config
+    from transnext.dense.modeling import dense_model_from_checkpoint
+    from transnext.dense.train import train_detector
+    from transnext.dense.workflow import evaluate_detection
+
+    root = write_dense_demo(tmp_path / "demo", size=64, counts={"train": 8, "val": 2, "test": 2})
+    opts = dict(data_dir=str(root), output=str(tmp_path / "run"), epochs=1, batch_size=4, num_workers=0, progress=False, threads=1,
+                model_kwargs=TRUNK_ARCH, img_size=64, pretrain_size=64, min_size=[64], max_size=64,
+                backbone_weights=None, num_queries=10, dn_queries=6, detections_per_img=10, log_every=1,
+                detector_kwargs=dict(embed_dims=32, num_heads=4, num_points=2, ffn_dims=64, num_encoder_layers=1, num_decoder_layers=2))
+    cfg = resolve_dense_config(DetectionConfig, "detect_demo_dino", None, opts)
+    summary = train_detector(cfg)
+    assert "bbox_AP" in summary["best_metrics"]
+    model, info = dense_model_from_checkpoint(tmp_path / "run" / "best.pth", task="detect")
+    assert info["arch"]["detector"] == "dino" and model.label_offset == 1
+    res = evaluate_detection(tmp_path / "run" / "best.pth", root, "val", batch_size=2, num_workers=0, progress=False)
+    assert res["metrics"]["bbox_AP"] == pytest.approx(summary["best_metrics"]["bbox_AP"], abs=1e-9)
+    assert "segm_AP" not in res["metrics"]
+
+
+def test_detect_demo_offers_dino(capsys):
+    from transnext.cli.main import main
+    from transnext.dense.workflow import detection_demo
+
+    with pytest.raises(SystemExit):
+        main(["detect", "demo", "--help"])
+    text = capsys.readouterr().out
+    assert "--model {mask_rcnn,dino}" in text and "detect_demo_dino" in text
+    with pytest.raises(ValueError, match="trains mask_rcnn or dino, not 'detr'"):
+        detection_demo(model="detr")

@@ -320,6 +320,13 @@ _REGISTRY: tuple[Recipe, ...] = (
         detector_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
                              rpn_post_nms_top_n_test=150, box_batch_size_per_image=128),
     ), notes=_DEMO_NOTES),
+    _dense("detect_demo_dino", "detect", dict(
+        # DINO shrunk for 128 px scenes with a few objects each: 64-wide transformer, 2 + 3 layers, 60 queries
+        _DEMO_COMMON, detector="dino", dense_preset="dino_4scale", num_feature_levels=4, min_size=(128,), max_size=128,
+        num_queries=60, dn_queries=30, detections_per_img=50, batch_size=4, epochs=8, lr=5e-4, backbone_lr_mult=0.3, hflip=0.5,
+        clip_grad=0.1, output="runs/detect_demo_dino",
+        detector_kwargs=dict(embed_dims=64, num_heads=4, num_points=4, ffn_dims=256, num_encoder_layers=2, num_decoder_layers=3),
+    ), notes=_DEMO_NOTES),
     # ---- segmentation
     *_per_variant("upernet_160k", "segment", _UPERNET_160K, [_ade(51.1), _ade(52.2), _ade(53.0)],
                   "mIoU as published (docs/model.md section 1; the test mode is not stated there); settings of the "

@@ -59,6 +59,11 @@ def add_demo_parser(sub: Any, task: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE", help=f"YAML/TOML/JSON overrides of the {task}_demo recipe")
     p.add_argument("--resume", default=None, help="continue an interrupted demo ('auto')")
     p.add_argument("--num-predict", type=int, default=6, help="held-out images to draw predictions for")
+    if task == "detect":
+        d = DENSE_RECIPES["detect_demo_dino"]
+        p.add_argument("--model", choices=("mask_rcnn", "dino"), default="mask_rcnn",
+                       help=f"detector: mask_rcnn (recipe detect_demo) or dino (recipe detect_demo_dino: {d['epochs']} epochs, "
+                            f"{d['max_size']} px, batch {d['batch_size']}; output runs/detect_demo_dino unless --output)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p

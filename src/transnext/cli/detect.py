@@ -1,4 +1,4 @@
-"""``transnext detect train|eval|predict|demo``: Mask R-CNN / RetinaNet / FCOS on TransNeXt (COCO format)."""
+"""``transnext detect train|eval|predict|demo``: Mask R-CNN / RetinaNet / FCOS / DINO on TransNeXt (COCO format)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.trainer import TrainingInterrupted
 
         try:
-            workflow.detection_demo(args.output, args.epochs, args.resume, not args.no_progress, args.config, args.num_predict)
+            if args.model != "mask_rcnn" and args.output == "runs/detect_demo":
+                args.output = f"runs/detect_demo_{args.model}"  # the default folder of that demo's recipe
+            workflow.detection_demo(args.output, args.epochs, args.resume, not args.no_progress, args.config, args.num_predict,
+                                    model=args.model)
         except TrainingInterrupted as e:
             import sys
 

@@ -90,7 +90,7 @@ class DetectionConfig(_DenseFields):
     lr: float = 1e-4
     sched: str = "step"
     warmup_steps: int | None = 500
-    detector: str = "mask_rcnn"  # "mask_rcnn", "retinanet" or "fcos"
+    detector: str = "mask_rcnn"  # "mask_rcnn", "retinanet", "fcos" or "dino"
     min_size: tuple = (800,)  # shorter side; several values: one drawn per batch (multi-scale training)
     max_size: int = 1333
     fpn_channels: int = 256
@@ -98,13 +98,21 @@ class DetectionConfig(_DenseFields):
     representation_size: int | None = None  # box head MLP width (None: torchvision's 1024)
     mask_layers: tuple = ()  # mask head conv widths (empty: torchvision's 4 x 256)
     detector_kwargs: dict = field(default_factory=dict)  # further torchvision detector arguments
-    box_score_thresh: float = 0.05
+    box_score_thresh: float = 0.05  # torchvision detectors; DINO keeps its top detections_per_img without a threshold
     detections_per_img: int = 100
+    num_feature_levels: int = 4  # DINO: 4 (trunk strides 8-32 + one extra level) or 5 (strides 4-32 + one extra)
+    num_queries: int = 900  # DINO matching queries
+    dn_queries: int = 100  # DINO denoising queries (positives; as many negatives)
 
     def validate(self) -> None:
         super().validate()
-        if self.detector not in ("mask_rcnn", "retinanet", "fcos"):
-            raise ValueError(f"detector must be mask_rcnn, retinanet or fcos, got {self.detector!r}")
+        if self.detector not in ("mask_rcnn", "retinanet", "fcos", "dino"):
+            raise ValueError(f"detector must be mask_rcnn, retinanet, fcos or dino, got {self.detector!r}")
+        if self.detector == "dino":
+            if self.num_feature_levels not in (4, 5):
+                raise ValueError(f"num_feature_levels must be 4 or 5 for DINO, got {self.num_feature_levels}")
+            if self.num_queries < 1 or self.dn_queries < 0:
+                raise ValueError(f"DINO needs num_queries >= 1 and dn_queries >= 0, got {self.num_queries} and {self.dn_queries}")
         if not self.min_size or min(self.min_size) < 32 or self.max_size < 32:
             raise ValueError(f"min_size / max_size must be >= 32 pixels, got {self.min_size} / {self.max_size}")
 

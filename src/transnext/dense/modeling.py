@@ -34,6 +34,8 @@ def dense_arch(cfg: Any, num_classes: int, task: str) -> dict[str, Any]:
                     max_size=int(cfg.max_size), representation_size=cfg.representation_size,
                     mask_layers=[int(c) for c in cfg.mask_layers] or None, box_score_thresh=float(cfg.box_score_thresh),
                     detections_per_img=int(cfg.detections_per_img), detector_kwargs=dict(cfg.detector_kwargs or {}))
+        if cfg.detector == "dino":
+            arch.update(num_feature_levels=int(cfg.num_feature_levels), num_queries=int(cfg.num_queries), dn_queries=int(cfg.dn_queries))
     else:
         arch.update(channels=int(cfg.channels), aux_head=bool(cfg.aux_head), aux_channels=int(cfg.aux_channels))
     return arch
@@ -42,6 +44,7 @@ def dense_arch(cfg: Any, num_classes: int, task: str) -> dict[str, Any]:
 def build_dense_model(arch: dict[str, Any], backbone_weights: Any = None, grad_checkpointing: bool = False) -> nn.Module:
     """The detector or segmenter an ``arch`` record describes (random heads; trunk weights optional)."""
     from .detection import fcos_transnext, maskrcnn_transnext, retinanet_transnext
+    from .dino import dino_transnext
     from .upernet import upernet_transnext
 
     backbone = dict(arch.get("backbone") or {})
@@ -82,7 +85,14 @@ def build_dense_model(arch: dict[str, Any], backbone_weights: Any = None, grad_c
         return retinanet_transnext(arch["variant"], score_thresh=arch["box_score_thresh"], **common, **kwargs)
     if detector == "fcos":
         return fcos_transnext(arch["variant"], score_thresh=arch["box_score_thresh"], **common, **kwargs)
-    raise ValueError(f"unknown detector {detector!r} (expected mask_rcnn, retinanet or fcos)")
+    if detector == "dino":
+        # the engine's labels are 1..K with 0 = background: DINO has K real classes and shifts its labels by one
+        kwargs["max_per_img"] = kwargs.pop("detections_per_img")
+        common.pop("fpn_channels")
+        common["num_classes"] = arch["num_classes"] - 1
+        return dino_transnext(arch["variant"], num_feature_levels=arch.get("num_feature_levels", 4), label_offset=1,
+                              num_queries=arch.get("num_queries", 900), dn_queries=arch.get("dn_queries", 100), **common, **kwargs)
+    raise ValueError(f"unknown detector {detector!r} (expected mask_rcnn, retinanet, fcos or dino)")
 
 
 def dense_model_from_checkpoint(path: str | os.PathLike, task: str | None = None) -> tuple[nn.Module, dict[str, Any]]:

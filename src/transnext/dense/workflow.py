@@ -417,7 +417,7 @@ def demo_backbone(cache_dir: str | Path | None = None, progress: bool = True, ov
 
 
 def _demo_common(kind: str, output: str | Path, epochs: int | None, resume: str | None, progress: bool, config: str | None,
-                 extra: dict[str, Any] | None) -> tuple[Any, Path]:
+                 extra: dict[str, Any] | None, recipe: str | None = None) -> tuple[Any, Path]:
     from ..engine.config import load_config_file
     from .config import DetectionConfig, SegmentationConfig, resolve_dense_config
 
@@ -428,7 +428,7 @@ def _demo_common(kind: str, output: str | Path, epochs: int | None, resume: str 
     if resume:
         overrides["resume"] = resume
     cls = DetectionConfig if kind == "detect" else SegmentationConfig
-    cfg = resolve_dense_config(cls, f"{kind}_demo", config, overrides)
+    cfg = resolve_dense_config(cls, recipe or f"{kind}_demo", config, overrides)
     # the trunk starts from the classification demo's trained model unless the options name weights
     # (``backbone_weights: null`` in --config: random initialisation) or change the trunk's architecture
     from ..engine.presets import DEMO_ARCH
@@ -452,8 +452,10 @@ def _trunk_start(cfg: Any) -> str:
 
 
 def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None = None, resume: str | None = None, progress: bool = True,
-                   config: str | None = None, num_predict: int = 6, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train Mask R-CNN on the demo scenes, score best.pth on the held-out test split beside a trivial baseline."""
+                   config: str | None = None, num_predict: int = 6, extra: dict[str, Any] | None = None,
+                   model: str = "mask_rcnn") -> dict[str, Any]:
+    """Train Mask R-CNN (``model="dino"``: DINO, recipe ``detect_demo_dino``) on the demo scenes, score best.pth on the
+    held-out test split beside a trivial baseline."""
     from ..data.coco import CocoDetection
     from ..data.dense_demo import ensure_dense_demo, write_dense_demo
     from .config import coco_split_paths
@@ -461,7 +463,10 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
     from .train import train_detector
 
     t0 = time.perf_counter()
-    cfg, out = _demo_common("detect", output, epochs, resume, progress, config, extra)
+    if model not in ("mask_rcnn", "dino"):
+        raise ValueError(f"the detection demo trains mask_rcnn or dino, not {model!r}")
+    cfg, out = _demo_common("detect", output, epochs, resume, progress, config, extra,
+                            recipe="detect_demo" if model == "mask_rcnn" else f"detect_demo_{model}")
     data = ensure_dense_demo(cfg.data_dir) if cfg.data_dir else write_dense_demo(out / "demo_data")
     cfg.data_dir = str(data)
     counts = json.loads((data / "demo_manifest.json").read_text())["counts"]
@@ -498,7 +503,8 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
     }
     _write_text(out / "demo_summary.json", json.dumps(result, indent=2, default=str))
     print(detection_markdown(res["coco"], "held-out test split"), end="")
-    print(f"\nheld-out test: box AP {m['bbox_AP']:.2f} (AP50 {m['bbox_AP50']:.2f}), mask AP {m.get('segm_AP', 0):.2f} "
+    mask = f", mask AP {m['segm_AP']:.2f}" if "segm_AP" in m else ""
+    print(f"\nheld-out test: box AP {m['bbox_AP']:.2f} (AP50 {m['bbox_AP50']:.2f}){mask} "
           f"on {m['n']} images; trivial baseline box AP {base['bbox']['AP']:.2f} (AP50 {base['bbox']['AP50']:.2f}); "
           f"training {t_train / 60:.1f} min, total {total / 60:.1f} min")
     print(f"class-agnostic (localisation only): box AP {agnostic['AP']:.2f} (AP50 {agnostic['AP50']:.2f}); "
