@@ -315,3 +315,25 @@ def test_detect_demo_offers_dino(capsys):
     assert "--model {mask_rcnn,dino}" in text and "detect_demo_dino" in text
     with pytest.raises(ValueError, match="trains mask_rcnn or dino, not 'detr'"):
         detection_demo(model="detr")
+
+
+def test_mmdet_dino_checkpoint_layout_converts_and_loads():
+    from transnext.dense import convert_mmdet_dino, load_reference_checkpoint
+
+    src = _tiny_dino().eval()
+    # the reference layout: the trunk's keys without our "model." level, everything else as ours
+    theirs = {("backbone." + k[len("backbone.model."):] if k.startswith("backbone.model.") else k): v.clone()
+              for k, v in src.state_dict().items()}
+    assert set(convert_mmdet_dino({"state_dict": theirs})) == set(src.state_dict())
+    dst = _tiny_dino()
+    with torch.no_grad():
+        for p in dst.parameters():
+            p.zero_()
+    info = load_reference_checkpoint(dst, {"meta": {"dataset_meta": {"classes": ["a", "b", "c"]}}, "state_dict": theirs})
+    assert info["kind"] == "mmdet_dino" and info["classes"] == ["a", "b", "c"]
+    images, _ = _batch()
+    with torch.no_grad():
+        a, b = src(images), dst.eval()(images)
+    assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="not an mmdet DINO state dict"):
+        convert_mmdet_dino({"backbone.x": torch.zeros(1)})

@@ -144,6 +144,22 @@ def _mask2former(name: str) -> Callable[..., Any]:
     return call
 
 
+def _dino(name: str) -> Callable[..., Any]:
+    """A function of .dino, imported on first use."""
+    def call(*args: Any) -> Any:
+        from . import dino
+
+        return getattr(dino, name)(*args)
+
+    return call
+
+
+def _is_dino(model: nn.Module) -> bool:
+    from .dino import DINO
+
+    return isinstance(model, DINO)
+
+
 # Further formats are one entry each.
 REFERENCE_FORMATS: dict[str, ReferenceFormat] = {
     "mmseg_upernet": ReferenceFormat(
@@ -159,6 +175,11 @@ REFERENCE_FORMATS: dict[str, ReferenceFormat] = {
     "mmseg_mask2former": ReferenceFormat(
         "an mmseg Mask2Former checkpoint", _mask2former("is_mmseg_mask2former"), _mask2former("convert_mmdet_mask2former"),
         _mask2former("is_mask2former"), "a Mask2Former (transnext.dense.mask2former_transnext)", _upernet_reference_name,
+    ),
+    # DINO (mmdet 3): the transformer and head names are the reference's, see .dino
+    "mmdet_dino": ReferenceFormat(
+        "an mmdet DINO checkpoint", _dino("is_mmdet_dino"), _dino("convert_mmdet_dino"), _is_dino,
+        "a DINO (transnext.dense.dino_transnext(variant, num_classes=80, num_feature_levels=4 or 5))", _upernet_reference_name,
     ),
 }
 
