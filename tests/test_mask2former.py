@@ -183,3 +183,69 @@ def test_bad_inputs_are_refused_with_what_was_expected(model) -> None:
         tiny(num_classes=0)
     with pytest.raises(ValueError, match=r"importance_sample_ratio in \[0, 1\]"):
         Mask2FormerLoss(3, importance_sample_ratio=1.5)
+
+
+# ---------------------------------------------------------------------- engine integration
+SEG_HEAD = dict(feat_channels=32, decoder_layers=2, encoder_layers=1, loss_kwargs=dict(num_points=64),
+                head_kwargs=dict(num_heads=2, num_points=2, encoder_ffn_dims=32, decoder_ffn_dims=32, num_groups=8))
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from transnext.data.dense_demo import write_dense_demo
+
+    return write_dense_demo(tmp_path_factory.mktemp("dense_demo"), size=64, counts={"train": 8, "val": 2, "test": 2})
+
+
+def _opts(demo_root, out) -> dict:
+    trunk = dict(embed_dims=(8, 16, 32, 64), num_heads=(1, 1, 2, 4), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2))
+    return dict(dataset="folder", data_dir=str(demo_root), train_split="train", val_split="val", num_classes=11, model_kwargs=trunk,
+                img_size=64, drop_path=0.0, epochs=2, batch_size=4, num_workers=0, progress=False, lr=1e-3, crop_size=64,
+                resize_scale=(64, 64), deterministic=True, seed=3, foreground_only=False, backbone_weights=None, num_queries=5,
+                segmenter_kwargs=SEG_HEAD, output=str(out))
+
+
+def test_arch_records_build_mask2former_and_old_records_stay_upernet() -> None:
+    from transnext.dense import UPerNet
+    from transnext.dense.config import SegmentationConfig, resolve_dense_config
+    from transnext.dense.modeling import build_dense_model, dense_arch
+
+    cfg = resolve_dense_config(SegmentationConfig, "segment_demo_mask2former", None, dict(segmenter_kwargs=SEG_HEAD), require_data=False)
+    arch = dense_arch(cfg, 11, "segment")
+    assert arch["segmenter"] == "mask2former" and arch["num_queries"] == 20
+    model = build_dense_model(arch)
+    assert isinstance(model, Mask2Former) and model.decode_head.num_queries == 20
+    old = {k: v for k, v in arch.items() if k not in ("segmenter", "num_queries", "ignore_index", "segmenter_kwargs")}
+    old.update(channels=16, aux_head=True, aux_channels=8)
+    assert isinstance(build_dense_model(old), UPerNet)
+    with pytest.raises(ValueError, match=r"segmenter must be 'upernet' or 'mask2former', got 'segformer'"):
+        resolve_dense_config(SegmentationConfig, None, None, dict(segmenter="segformer"), require_data=False)
+
+
+def test_engine_trains_evaluates_resumes_exactly_and_reloads(demo_root, tmp_path) -> None:
+    from transnext.dense.config import SegmentationConfig, resolve_dense_config
+    from transnext.dense.modeling import dense_model_from_checkpoint
+    from transnext.dense.train import train_segmenter
+    from transnext.engine.state import load_training_checkpoint
+    from transnext.engine.trainer import Callback, TrainingInterrupted
+
+    class StopAt(Callback):
+        def on_step_end(self, run, loss):
+            if run.global_step == 3:
+                run.request_stop()
+
+    recipe = "segment_demo_mask2former"
+    ref = train_segmenter(resolve_dense_config(SegmentationConfig, recipe, None, _opts(demo_root, tmp_path / "a")))
+    assert 0 <= ref["best_metrics"]["mIoU"] <= 100
+    with pytest.raises(TrainingInterrupted):
+        train_segmenter(resolve_dense_config(SegmentationConfig, recipe, None, _opts(demo_root, tmp_path / "b")), [StopAt()])
+    res = train_segmenter(resolve_dense_config(SegmentationConfig, recipe, None, dict(_opts(demo_root, tmp_path / "b"), resume="auto")))
+    a, b = (load_training_checkpoint(tmp_path / d / "last.pth") for d in ("a", "b"))
+    assert a["global_step"] == b["global_step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
+    assert res["best_metrics"]["mIoU"] == pytest.approx(ref["best_metrics"]["mIoU"])
+    model, info = dense_model_from_checkpoint(tmp_path / "a" / "best.pth", task="segment")
+    assert isinstance(model, Mask2Former) and info["arch"]["segmenter"] == "mask2former"
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 11, 64, 64)

@@ -316,7 +316,8 @@ def test_markdown_generator(capsys: pytest.CaptureFixture[str]) -> None:
         "| COCO val2017 box AP / mask AP: T 49.9 / 44.6, S 51.1 / 45.5, B 51.7 / 45.9 |")
     assert "| detect | DINO 4-scale | 12 epochs, AdamW lr 1e-4, trunk lr x0.1" in rows["`dino_4scale_12e_tiny`"]
     assert rows["`mask2former_160k_tiny` / `_small` / `_base`"].endswith("| ADE20K val mIoU: T 53.4, S 54.1, B 54.7 |")
-    assert rows["`segment_demo`"].endswith("| - |") and len(rows) == 8
+    assert rows["`segment_demo`"].endswith("| - |") and len(rows) == 9
+    assert "| segment | Mask2Former | 8 epochs" in rows["`segment_demo_mask2former`"]
     assert "| detect | DINO 4-scale | 8 epochs" in rows["`detect_demo_dino`"]
     classify = recipes.markdown_tables(["classify"]).splitlines()
     assert len(classify) == 2 + len(list_recipes("classify"))

@@ -340,6 +340,15 @@ _REGISTRY: tuple[Recipe, ...] = (
         backbone_lr_mult=0.3,
         output="runs/segment_demo",
     ), notes=_DEMO_NOTES),
+    _dense("segment_demo_mask2former", "segment", dict(
+        # the segment_demo data and crops with a small Mask2Former head (64 channels, 20 queries, 2 encoder and 3
+        # decoder layers, 1,024 loss points for the 24 x 24 stride-4 masks of a 96 px crop)
+        _DEMO_COMMON, dense_preset="mask2former", segmenter="mask2former", num_queries=20, data_format="ade20k", num_classes=11,
+        foreground_only=False, crop_size=96, resize_scale=(128, 128), ratio_range=(0.75, 1.5), batch_size=16, epochs=8, lr=1e-3,
+        backbone_lr_mult=0.3, clip_grad=1.0, output="runs/segment_demo_mask2former",
+        segmenter_kwargs=dict(feat_channels=64, decoder_layers=3, encoder_layers=2, loss_kwargs=dict(num_points=1024),
+                              head_kwargs=dict(num_heads=4, num_points=4, encoder_ffn_dims=128, decoder_ffn_dims=256, num_groups=8)),
+    ), notes=_DEMO_NOTES),
 )
 
 

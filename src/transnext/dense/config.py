@@ -136,6 +136,9 @@ class SegmentationConfig(_DenseFields):
     ratio_range: tuple = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     photometric: bool = True
+    segmenter: str = "upernet"  # "upernet" or "mask2former"
+    num_queries: int = 100  # Mask2Former queries
+    segmenter_kwargs: dict = field(default_factory=dict)  # further mask2former_transnext arguments (feat_channels, decoder_layers ...)
     channels: int = 512  # UPerHead width
     aux_head: bool = True
     aux_channels: int = 256
@@ -151,6 +154,10 @@ class SegmentationConfig(_DenseFields):
         super().validate()
         if self.data_format not in ("ade20k", "masks"):
             raise ValueError(f"data_format must be 'ade20k' or 'masks', got {self.data_format!r}")
+        if self.segmenter not in ("upernet", "mask2former"):
+            raise ValueError(f"segmenter must be 'upernet' or 'mask2former', got {self.segmenter!r}")
+        if self.num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
         if self.eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {self.eval_mode!r}")
         if len(self.resize_scale) != 2 or len(self.ratio_range) != 2:

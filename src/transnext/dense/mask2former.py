@@ -489,6 +489,10 @@ class Mask2Former(nn.Module):
         self.decode_head = Mask2FormerHead(backbone.out_channels, num_classes, **head_kwargs)
         self.criterion = Mask2FormerLoss(num_classes, ignore_index=ignore_index, **dict(loss_kwargs or {}))
 
+    def no_weight_decay_keywords(self) -> tuple[str, ...]:
+        """Parameters the reference trains without weight decay besides the trunk's (its ``embed_mult`` keys)."""
+        return ("decode_head.query_embed", "decode_head.query_feat", "decode_head.level_embed")
+
     def _check(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"Mask2Former expects images [batch, 3, height, width], got shape {tuple(x.shape)}")

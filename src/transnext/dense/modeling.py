@@ -36,6 +36,9 @@ def dense_arch(cfg: Any, num_classes: int, task: str) -> dict[str, Any]:
                     detections_per_img=int(cfg.detections_per_img), detector_kwargs=dict(cfg.detector_kwargs or {}))
         if cfg.detector == "dino":
             arch.update(num_feature_levels=int(cfg.num_feature_levels), num_queries=int(cfg.num_queries), dn_queries=int(cfg.dn_queries))
+    elif getattr(cfg, "segmenter", "upernet") == "mask2former":
+        arch.update(segmenter="mask2former", num_queries=int(cfg.num_queries), ignore_index=int(cfg.ignore_index),
+                    segmenter_kwargs=dict(cfg.segmenter_kwargs or {}))
     else:
         arch.update(channels=int(cfg.channels), aux_head=bool(cfg.aux_head), aux_channels=int(cfg.aux_channels))
     return arch
@@ -48,7 +51,18 @@ def build_dense_model(arch: dict[str, Any], backbone_weights: Any = None, grad_c
     from .upernet import upernet_transnext
 
     backbone = dict(arch.get("backbone") or {})
+    if arch["task"] == "segment" and arch.get("segmenter", "upernet") == "mask2former":
+        from .mask2former import mask2former_transnext
+
+        model = mask2former_transnext(arch["variant"], arch["num_classes"], backbone_weights, arch.get("preset"),
+                                      frozen_stages=arch.get("frozen_stages", -1), num_queries=arch["num_queries"],
+                                      ignore_index=arch.get("ignore_index", 255), **dict(arch.get("segmenter_kwargs") or {}), **backbone)
+        if grad_checkpointing:
+            model.backbone.model.set_grad_checkpointing(True)
+        return model
     if arch["task"] == "segment":
+        if arch.get("segmenter", "upernet") != "upernet":
+            raise ValueError(f"unknown segmenter {arch['segmenter']!r} in the model record (expected 'upernet' or 'mask2former')")
         model = upernet_transnext(arch["variant"], arch["num_classes"], backbone_weights, arch.get("preset"), aux_head=arch["aux_head"],
                                   channels=arch["channels"], aux_channels=arch["aux_channels"], frozen_stages=arch.get("frozen_stages", -1),
                                   **backbone)

@@ -74,14 +74,16 @@ def dense_param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]
     prefix = found[0] if found is not None else None
     keys = REFERENCE_NO_DECAY_KEYS if cfg.reference_no_decay else ()
     nd_keys = set(found[1].no_weight_decay_keywords()) if found is not None else set()
+    # a head's own no-decay names (Mask2Former's query and level embeddings, as the reference's embed_mult)
+    head_nd = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
     buckets: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if cfg.reference_no_decay:
-            wd = 0.0 if any(k in name for k in keys) else cfg.weight_decay
+            wd = 0.0 if any(k in name for k in (*keys, *head_nd)) else cfg.weight_decay
         else:
-            wd = 0.0 if (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in nd_keys)) else cfg.weight_decay
+            wd = 0.0 if (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in (*nd_keys, *head_nd))) else cfg.weight_decay
         scale = 1.0
         if prefix is not None and name.startswith(prefix):
             scale = cfg.backbone_lr_mult
@@ -407,8 +409,11 @@ class SegmentationTask(Task):
         if isinstance(images, list):  # training crops are padded to one size; anything else is a bug upstream
             raise ValueError("training crops of different sizes in one batch; check --crop-size")
         cfg = self.cfg
-        losses = segmentation_loss(model(images.to(run.device, non_blocking=True)), labels.to(run.device, non_blocking=True),
-                                   ignore_index=cfg.ignore_index, aux_weight=cfg.aux_weight)
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        if getattr(cfg, "segmenter", "upernet") == "mask2former":  # the model computes its own matching losses
+            losses = model(images, labels)
+        else:
+            losses = segmentation_loss(model(images), labels, ignore_index=cfg.ignore_index, aux_weight=cfg.aux_weight)
         return StepOutput(losses["loss"], images.shape[0], skipped, {k: float(v.detach()) for k, v in losses.items() if k != "loss"})
 
     def evaluate(self, model: torch.nn.Module, loader: Any, run: TrainRun) -> dict[str, float]:
@@ -432,7 +437,8 @@ class SegmentationTask(Task):
         return f"mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}, aAcc {metrics['aAcc']:.2f} ({metrics.get('n', 0)} images)"
 
     def title(self, model: torch.nn.Module, cfg: Any) -> str:
-        return f"UPerNet {cfg.model}" + (f" ({cfg.preset})" if cfg.preset else "")
+        name = "Mask2Former" if getattr(cfg, "segmenter", "upernet") == "mask2former" else "UPerNet"
+        return f"{name} {cfg.model}" + (f" ({cfg.preset})" if cfg.preset else "")
 
 
 # ---------------------------------------------------------------------- helpers
