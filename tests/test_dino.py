@@ -282,6 +282,44 @@ def test_build_dense_model_makes_dino_with_the_engine_labels():
     assert torch.isfinite(sum(losses.values()))
 
 
+def _engine_opts(root, out, **kw):
+    return dict(dict(data_dir=str(root), output=str(out), epochs=1, batch_size=4, num_workers=0, progress=False, threads=1,
+                model_kwargs=TRUNK_ARCH, img_size=64, pretrain_size=64, min_size=[64], max_size=64, backbone_weights=None,
+                num_queries=10, dn_queries=6, detections_per_img=10, log_every=1,
+                detector_kwargs=dict(embed_dims=32, num_heads=4, num_points=2, ffn_dims=64, num_encoder_layers=1, num_decoder_layers=2)),
+                **kw)
+
+
+def test_dino_resume_mid_epoch_is_exact_under_bf16_autocast(tmp_path):
+    pytest.importorskip("pycocotools")
+    from transnext.data.dense_demo import write_dense_demo
+    from transnext.dense.config import DetectionConfig, resolve_dense_config
+    from transnext.dense.train import train_detector
+    from transnext.engine.state import load_training_checkpoint
+    from transnext.engine.trainer import Callback, TrainingInterrupted
+
+    root = write_dense_demo(tmp_path / "demo", size=64, counts={"train": 8, "val": 2, "test": 2})
+
+    class StopAt(Callback):
+        def on_step_end(self, run, loss):
+            if run.global_step == 3:
+                run.request_stop()
+
+    def cfg(out, **kw):
+        return resolve_dense_config(DetectionConfig, "detect_demo_dino", None,
+                                    _engine_opts(root, tmp_path / out, epochs=2, deterministic=True, seed=3, amp="bf16", **kw))
+
+    train_detector(cfg("a"))
+    with pytest.raises(TrainingInterrupted):
+        train_detector(cfg("b"), [StopAt()])
+    assert load_training_checkpoint(tmp_path / "b" / "last.pth")["global_step"] == 3  # mid-epoch 2: the denoising noise
+    train_detector(cfg("b", resume="auto"))  # and the resize draws must continue as in the uninterrupted run
+    a, b = (load_training_checkpoint(tmp_path / d / "last.pth") for d in ("a", "b"))
+    assert a["global_step"] == b["global_step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
+
+
 def test_dino_trains_saves_and_reloads_through_the_engine(tmp_path):
     pytest.importorskip("pycocotools")
     from transnext.data.dense_demo import write_dense_demo
@@ -291,11 +329,7 @@ def test_dino_trains_saves_and_reloads_through_the_engine(tmp_path):
     from transnext.dense.workflow import evaluate_detection
 
     root = write_dense_demo(tmp_path / "demo", size=64, counts={"train": 8, "val": 2, "test": 2})
-    opts = dict(data_dir=str(root), output=str(tmp_path / "run"), epochs=1, batch_size=4, num_workers=0, progress=False, threads=1,
-                model_kwargs=TRUNK_ARCH, img_size=64, pretrain_size=64, min_size=[64], max_size=64,
-                backbone_weights=None, num_queries=10, dn_queries=6, detections_per_img=10, log_every=1,
-                detector_kwargs=dict(embed_dims=32, num_heads=4, num_points=2, ffn_dims=64, num_encoder_layers=1, num_decoder_layers=2))
-    cfg = resolve_dense_config(DetectionConfig, "detect_demo_dino", None, opts)
+    cfg = resolve_dense_config(DetectionConfig, "detect_demo_dino", None, _engine_opts(root, tmp_path / "run"))
     summary = train_detector(cfg)
     assert "bbox_AP" in summary["best_metrics"]
     model, info = dense_model_from_checkpoint(tmp_path / "run" / "best.pth", task="detect")
