@@ -249,3 +249,15 @@ def test_engine_trains_evaluates_resumes_exactly_and_reloads(demo_root, tmp_path
     assert isinstance(model, Mask2Former) and info["arch"]["segmenter"] == "mask2former"
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 11, 64, 64)
+
+
+def test_segment_demo_offers_mask2former(capsys) -> None:
+    from transnext.cli.main import main
+    from transnext.dense.workflow import segmentation_demo
+
+    with pytest.raises(SystemExit):
+        main(["segment", "demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model {upernet,mask2former}" in text and "segment_demo_mask2former" in text
+    with pytest.raises(ValueError, match=r"the segmentation demo trains upernet or mask2former, not 'segformer'"):
+        segmentation_demo(model="segformer")

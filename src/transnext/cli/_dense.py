@@ -64,6 +64,12 @@ def add_demo_parser(sub: Any, task: str) -> argparse.ArgumentParser:
         p.add_argument("--model", choices=("mask_rcnn", "dino"), default="mask_rcnn",
                        help=f"detector: mask_rcnn (recipe detect_demo) or dino (recipe detect_demo_dino: {d['epochs']} epochs, "
                             f"{d['max_size']} px, batch {d['batch_size']}; output runs/detect_demo_dino unless --output)")
+    else:
+        m = DENSE_RECIPES["segment_demo_mask2former"]
+        p.add_argument("--model", choices=("upernet", "mask2former"), default="upernet",
+                       help=f"segmenter: upernet (recipe segment_demo) or mask2former (recipe segment_demo_mask2former: "
+                            f"{m['epochs']} epochs, {m['crop_size']} px crops, batch {m['batch_size']}; output "
+                            "runs/segment_demo_mask2former unless --output)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p

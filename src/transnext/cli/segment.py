@@ -71,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.trainer import TrainingInterrupted
 
         try:
-            workflow.segmentation_demo(args.output, args.epochs, args.resume, not args.no_progress, args.config, args.num_predict)
+            if args.model != "upernet" and args.output == "runs/segment_demo":
+                args.output = f"runs/segment_demo_{args.model}"  # the default folder of that demo's recipe
+            workflow.segmentation_demo(args.output, args.epochs, args.resume, not args.no_progress, args.config, args.num_predict,
+                                       model=args.model)
         except TrainingInterrupted as e:
             import sys
 
             print(f"demo interrupted; resumable checkpoint saved: {e.checkpoint}\n"
-                  f"continue with: transnext segment demo --output {args.output} --resume auto", file=sys.stderr)
+                  f"continue with: transnext segment demo{'' if args.model == 'upernet' else ' --model ' + args.model} "
+                  f"--output {args.output} --resume auto", file=sys.stderr)
             return 130
         return 0
     raise ValueError(f"unknown action {args.action!r}")

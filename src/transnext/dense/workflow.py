@@ -515,21 +515,27 @@ def detection_demo(output: str | Path = "runs/detect_demo", epochs: int | None =
 
 
 def segmentation_demo(output: str | Path = "runs/segment_demo", epochs: int | None = None, resume: str | None = None, progress: bool = True,
-                      config: str | None = None, num_predict: int = 6, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train UPerNet on the demo scenes, score best.pth on the held-out test split beside the majority-class baseline."""
+                      config: str | None = None, num_predict: int = 6, extra: dict[str, Any] | None = None,
+                      model: str = "upernet") -> dict[str, Any]:
+    """Train UPerNet (``model="mask2former"``: Mask2Former, recipe ``segment_demo_mask2former``) on the demo scenes, score
+    best.pth on the held-out test split beside the majority-class baseline."""
     from ..data.dense_demo import ensure_dense_demo, write_dense_demo
     from .metrics import foreground_iou
     from .tasks import segmentation_dataset
     from .train import train_segmenter
 
     t0 = time.perf_counter()
-    cfg, out = _demo_common("segment", output, epochs, resume, progress, config, extra)
+    if model not in ("upernet", "mask2former"):
+        raise ValueError(f"the segmentation demo trains upernet or mask2former, not {model!r}")
+    cfg, out = _demo_common("segment", output, epochs, resume, progress, config, extra,
+                            recipe="segment_demo" if model == "upernet" else f"segment_demo_{model}")
     data = ensure_dense_demo(cfg.data_dir) if cfg.data_dir else write_dense_demo(out / "demo_data")
     cfg.data_dir = str(data)
     counts = json.loads((data / "demo_manifest.json").read_text())["counts"]
     _say(f"[1/4] demo scenes in {data} ({', '.join(f'{k} {v}' for k, v in counts.items())} images, "
          f"{time.perf_counter() - t0:.0f} s)")
-    _say(f"[2/4] training UPerNet on a small {cfg.model}-style trunk ({_trunk_start(cfg)}; {cfg.epochs} epochs, "
+    head = "Mask2Former" if cfg.segmenter == "mask2former" else "UPerNet"
+    _say(f"[2/4] training {head} on a small {cfg.model}-style trunk ({_trunk_start(cfg)}; {cfg.epochs} epochs, "
          f"{cfg.crop_size} px crops) -> {out}")
     summary = train_segmenter(cfg)
     t_train = time.perf_counter() - t0
