@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,3 +372,24 @@ def test_mmdet_dino_checkpoint_layout_converts_and_loads():
     assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="not an mmdet DINO state dict"):
         convert_mmdet_dino({"backbone.x": torch.zeros(1)})
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from transnext.dense.dino import _mean_over_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        value = _mean_over_processes(float(2 * rank + 1), torch.device("cpu"))  # 1 and 3
+        (Path(out_dir) / f"{rank}.txt").write_text(repr(value))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_dino_loss_normaliser_is_averaged_over_ddp_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert [float((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [2.0, 2.0]

@@ -32,8 +32,8 @@ its labels 1..K mean the same as Mask R-CNN's.
 
 Same module names as mmdet's ``DINO``, so :func:`convert_mmdet_dino` maps a reference checkpoint
 almost one to one. Known differences from the reference run: the training resize is torchvision's
-(floor instead of round of the scaled size; mmdet's random-crop branch of the training pipeline is
-not part of the model), and the classification average factor is not averaged over DDP processes.
+(floor instead of round of the scaled size); mmdet's random-crop branch of the training pipeline is
+not part of the model.
 """
 
 from __future__ import annotations
@@ -56,6 +56,17 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # the reference multi-scale training resize (shorter side; longer side <= 1333) and the test size
 TRAIN_MIN_SIZES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 _F32_EPS = torch.finfo(torch.float32).eps
+
+
+def _mean_over_processes(value: float, device: torch.device) -> float:
+    """``value`` averaged over the processes of an initialised process group (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -409,8 +420,11 @@ class SetCriterion(nn.Module):
 
     def losses(self, logits: Tensor, boxes: Tensor, labels: Tensor, box_targets: Tensor, box_weights: Tensor,
                sizes: Tensor, num_pos: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Losses of flattened predictions ``[N, K]`` / ``[N, 4]`` against per-query targets (background = ``num_classes``)."""
-        avg = max(float(num_pos), 1.0)
+        """Losses of flattened predictions ``[N, K]`` / ``[N, 4]`` against per-query targets (background = ``num_classes``).
+
+        The normaliser is the number of matched queries, averaged over the processes of a DDP run as the reference does
+        (every process calls this the same number of times per step)."""
+        avg = max(_mean_over_processes(float(num_pos), logits.device), 1.0)
         if len(logits) == 0:
             zero = logits.sum() * 0.0 + boxes.sum() * 0.0
             return zero, zero, zero
