@@ -16,7 +16,7 @@ from test_ops import AA_INPUTS, CASES, aa_inputs, assert_close, run_aa, tiny_mod
 from transnext import ops
 from transnext.models.geometry import StageGeometry, build_cpb_table
 from transnext.models.position_bias import SeparableBias, axis_taps
-from transnext.ops import blocked
+from transnext.ops import native
 
 torch_backend = importlib.import_module("transnext.ops.torch_backend")
 transnext_module = importlib.import_module("transnext.models.transnext")
@@ -24,15 +24,14 @@ transnext_module = importlib.import_module("transnext.models.transnext")
 
 @pytest.mark.parametrize("block_elements", [1, 97, 1 << 20], ids=["row_by_row", "uneven", "one_block"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}h{c[1]}_{c[2][0]}x{c[2][1]}_p{c[4][0]}x{c[4][1]}")
-def test_blocked_op_matches_reference(monkeypatch, case, block_elements) -> None:
-    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", block_elements)
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 0)  # always the blocked path
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
+def test_blocked_op_matches_reference(case, block_elements) -> None:
     B, h, size, d, pool = case
     t, extra = aa_inputs(B, h, size, d, pool)
     g = torch.randn(B, h, size[0] * size[1], d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref_out, ref_grads = run_aa("reference", t, extra, g)
-    out, grads = run_aa("torch", t, extra, g)
+    # Always the blocked path.
+    with ops.policy(block_elements=block_elements, whole_logits_bytes=0, whole_logits_bytes_training=0):
+        out, grads = run_aa("torch", t, extra, g)
     assert_close(out, ref_out, "output")
     for name in AA_INPUTS:
         assert_close(grads[name], ref_grads[name], f"grad of {name}")
@@ -80,7 +79,7 @@ def test_separable_bias_equals_whole_bias_and_its_gradient(geo) -> None:
 
 
 @pytest.mark.parametrize("pos_bias,fixed_pool_size", [("extrapolate", None), ("interpolate", None), ("interpolate", 3)])
-def test_model_with_factored_bias_and_blocks_matches_reference(monkeypatch, pos_bias, fixed_pool_size) -> None:
+def test_model_with_factored_bias_and_blocks_matches_reference(request, pos_bias, fixed_pool_size) -> None:
     """Whole model: factored bias + blocked op (forced on a small input) equals the reference backend."""
     torch.manual_seed(0)
     model = tiny_model(pos_bias=pos_bias, fixed_pool_size=fixed_pool_size).double()
@@ -94,11 +93,11 @@ def test_model_with_factored_bias_and_blocks_matches_reference(monkeypatch, pos_
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref_out, ref_grads = run("reference")
-    monkeypatch.setattr(transnext_module.AggregatedAttention, "MATERIALIZE_BIAS_BYTES", 0)
-    monkeypatch.setattr(transnext_module.AggregatedAttention, "MATERIALIZE_BIAS_BYTES_TRAINING", 0)
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 0)
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
-    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 300)
+    budgets = ops.policy(aggregated_bias_bytes=0, aggregated_bias_bytes_training=0, whole_logits_bytes=0,
+                         whole_logits_bytes_training=0, block_elements=300)
+    budgets.__enter__()
+    request.addfinalizer(lambda: budgets.__exit__(None, None, None))
+    ops.set_backend(model, "torch")  # the reference formulation takes no factors: it gets the whole bias
     for grad in (False, True):  # the factors at inference and in training
         with torch.set_grad_enabled(grad):
             assert isinstance(model.block1[0].attn.position_bias(model.stage_geometry(0, (19, 24)), torch.float64,
@@ -125,41 +124,49 @@ def test_custom_op_registration() -> None:
         sep.table.contiguous(), sep.y_index, sep.y_weight, t["learnable_tokens"], t["learnable_bias"],
         extra["padding_mask"], 5, 6, 3,
     )
-    torch.library.opcheck(blocked._compiled_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    compiled = importlib.import_module("transnext.ops.compiled")
+    for kernel in ("blocked_torch", "blocked_native"):
+        if kernel == "blocked_native" and not native.supports(t["q"], 3):
+            continue
+        torch.library.opcheck(compiled._blocked_op, (*args, kernel, 1 << 20, 0),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    frozen = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    for kernel in ("whole", "blocked_torch"):  # the inference op runs whichever eager kernel dispatch chose
+        torch.library.opcheck(compiled._attention_op, (*frozen, kernel, 1 << 20, 2048),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_training_goes_in_blocks_past_the_training_budget(monkeypatch) -> None:
     """With gradients the blocked path (recomputing probabilities) takes over past the smaller
     training budget; inference of the same problem keeps the one-pass whole-tensor path."""
     calls = []
-    real = torch_backend.blocked_aggregated_attention
-    monkeypatch.setattr(torch_backend, "blocked_aggregated_attention", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 1 << 30)
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
+    dispatch = importlib.import_module("transnext.ops.dispatch")
+    real = dispatch.blocked_aggregated_attention
+    monkeypatch.setattr(dispatch, "blocked_aggregated_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     t, extra = aa_inputs(1, 2, (5, 6), 4, (2, 3))
     args = (t["q"], t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"],
             extra["length_scale"], t["local_bias"], t["pool_bias"], t["learnable_tokens"], t["learnable_bias"],
             extra["padding_mask"], extra["size"], 3)
-    with torch.no_grad():
-        ref = torch_backend.aggregated_attention(*args)
-    assert calls == []
-    q = t["q"].clone().requires_grad_()
-    out = torch_backend.aggregated_attention(q, *args[1:])
+    with ops.policy(whole_logits_bytes=1 << 30, whole_logits_bytes_training=0):
+        with torch.no_grad():
+            ref = ops.aggregated_attention(*args, backend="torch")
+        assert calls == []
+        q = t["q"].clone().requires_grad_()
+        out = ops.aggregated_attention(q, *args[1:], backend="torch")
     assert calls == [1]
     assert_close(out.detach(), ref, "blocked training output")
 
 
 def test_bias_mlp_matches_plain_layers(monkeypatch) -> None:
     """The chunked, recomputing bias MLP: values and every gradient equal the plain layers'."""
-    bias_mlp_module = importlib.import_module("transnext.ops.bias_mlp")
-    monkeypatch.setattr(bias_mlp_module, "CHUNK_ROWS", 7)  # uneven chunks of 50 pairs
     gen = torch.Generator().manual_seed(3)
     coords = torch.randn(50, 2, dtype=torch.float64, generator=gen).requires_grad_()
     fc1, fc2 = torch.nn.Linear(2, 16).double(), torch.nn.Linear(16, 3).double()
     g = torch.randn(50, 3, dtype=torch.float64, generator=gen)
     params = [coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
     ref = fc2(torch.relu(fc1(coords)))
-    out = ops.bias_mlp(coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    with ops.policy(bias_mlp_rows=7):  # uneven chunks of 50 pairs
+        out = ops.bias_mlp(coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
     assert_close(out, ref, "bias MLP output")
     for a, b, n in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), "c w1 b1 w2 b2".split()):
         assert_close(a, b, f"grad of {n}")
@@ -176,13 +183,13 @@ def test_model_trains_with_chunked_bias_mlp(monkeypatch) -> None:
         model(x).square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    monkeypatch.setattr(ops, "BIAS_MLP_CHUNK_ROWS", 1 << 30)
-    ref = grads()
-    monkeypatch.setattr(ops, "BIAS_MLP_CHUNK_ROWS", 0)
+    with ops.policy(bias_mlp_rows=1 << 30):
+        ref = grads()
     calls = []
     real = ops.bias_mlp
     monkeypatch.setattr(ops, "bias_mlp", lambda *a: calls.append(1) or real(*a))
-    got = grads()
+    with ops.policy(bias_mlp_rows=7):
+        got = grads()
     assert calls, "the chunked bias MLP was not used"
     for n, g in ref.items():
         assert_close(got[n], g, f"grad of {n}")

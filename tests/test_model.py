@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import transnext
 from conftest import fill_deterministic, seeded_randn
+from transnext import ops
 from transnext.models import TransNeXt
 
 
@@ -255,7 +256,6 @@ def _clear_bias_caches(model) -> None:
 @pytest.mark.parametrize("pos_bias", ["extrapolate", "interpolate"])
 def test_blockwise_full_attention_bias_rows_equal_materialised(pos_bias, monkeypatch) -> None:
     from transnext.models.position_bias import BlockwiseBias
-    from transnext.models.transnext import FullAttention
 
     model = tiny_config(pos_bias=pos_bias)
     attn = model.block4[0].attn
@@ -264,9 +264,9 @@ def test_blockwise_full_attention_bias_rows_equal_materialised(pos_bias, monkeyp
     with torch.no_grad():
         full = attn.position_bias(geom, torch.float64, cpu)
         assert isinstance(full, torch.Tensor) and full.shape == (8, 35, 35)
-        monkeypatch.setattr(FullAttention, "MATERIALIZE_BIAS_BYTES", 0)
         _clear_bias_caches(model)
-        lazy = attn.position_bias(geom, torch.float64, cpu)
+        with ops.policy(full_bias_bytes=0):
+            lazy = attn.position_bias(geom, torch.float64, cpu)
     assert isinstance(lazy, BlockwiseBias) and lazy.shape == full.shape
     assert lazy.table.numel() < full.numel() // 2
     torch.testing.assert_close(lazy.materialize(), full, rtol=1e-12, atol=1e-14)
@@ -283,9 +283,6 @@ def test_blockwise_full_attention_bias_rows_equal_materialised(pos_bias, monkeyp
 @pytest.mark.parametrize("pos_bias", ["extrapolate", "interpolate"])
 def test_model_with_blockwise_bias_equals_materialised(backend, pos_bias, monkeypatch) -> None:
     """Large grids keep only the small bias tables; outputs and gradients do not change."""
-    import transnext.ops.torch_backend as torch_backend
-    from transnext.models.transnext import FullAttention
-
     model = tiny_config(pos_bias=pos_bias, attn_backend=backend)
     x = seeded_randn((2, 3, 224, 160), 3)  # stage 4: 7 x 5 tokens
 
@@ -300,10 +297,9 @@ def test_model_with_blockwise_bias_equals_materialised(backend, pos_bias, monkey
         return out, model.block4[0].attn.cpb_fc1.weight.grad.clone(), model.block4[0].attn.temperature.grad.clone()
 
     expected = run()
-    monkeypatch.setattr(FullAttention, "MATERIALIZE_BIAS_BYTES", 0)
     # Blocks of 12 query rows: two whole grid rows of 5 after rounding, then a partial last block.
-    monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 8 * 2 * 8 * 35 * 12)
-    got = run()
+    with ops.policy(full_bias_bytes=0, full_attention_block_bytes=8 * 2 * 8 * 35 * 12):
+        got = run()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

@@ -16,25 +16,26 @@ import torch
 
 from conftest import running_in_ci
 from test_ops import aa_inputs, assert_close, run_aa, tiny_model
+from transnext import ops
 from transnext.models.geometry import StageGeometry, build_cpb_table
 from transnext.models.position_bias import SeparableBias
 from transnext.ops import native
 
-torch_backend = importlib.import_module("transnext.ops.torch_backend")
 transnext_module = importlib.import_module("transnext.models.transnext")
 
 
 @pytest.fixture(autouse=True)
 def _native_required(monkeypatch):
     monkeypatch.delenv(native.ENV_VAR, raising=False)
-    # The native kernel serves the blocked op; small problems take it too when the whole-tensor
-    # budget is zero.
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES", 0)
     if not native.available(torch.float64) or not native.available(torch.float32):
         msg = f"the native kernel could not be built here: {native.build_error(torch.float64) or native.build_error()}"
         if running_in_ci():
             pytest.fail(f"{msg}; CI has a C compiler, so the native kernel must be tested there", pytrace=False)
         pytest.skip(msg)
+    # The native kernel serves the blocked op; small problems take it too when the whole-tensor
+    # budget is zero.
+    with ops.policy(whole_logits_bytes=0):
+        yield
 
 
 def _count_native_calls(monkeypatch) -> list[int]:
@@ -91,10 +92,10 @@ def test_native_op_with_separable_bias(monkeypatch, geo) -> None:
     ref, _ = run_aa("reference", t, extra)
     t["pool_bias"] = sep
     with torch.no_grad():
-        out = torch_backend.aggregated_attention(
+        out = ops.aggregated_attention(
             t["q"], t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"],
             extra["length_scale"], t["local_bias"], sep, t["learnable_tokens"], t["learnable_bias"],
-            extra["padding_mask"], size, 3,
+            extra["padding_mask"], size, 3, backend="torch",
         )
     assert calls
     assert_close(out, ref, "native output, separable bias")
@@ -136,14 +137,14 @@ def _count_backward_calls(monkeypatch) -> list[int]:
 def test_native_backward_matches_reference_float64(monkeypatch, case) -> None:
     """With gradients the blocked op runs its forward and its backward natively: the output and
     every input gradient against the reference."""
-    monkeypatch.setattr(torch_backend, "WHOLE_LOGITS_BYTES_TRAINING", 0)
     forward_calls = _count_native_calls(monkeypatch)
     calls = _count_backward_calls(monkeypatch)
     B, h, size, d, pool = case
     t, extra = aa_inputs(B, h, size, d, pool)
     g = torch.randn(B, h, size[0] * size[1], d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref_out, ref_grads = run_aa("reference", t, extra, g)
-    out, grads = run_aa("torch", t, extra, g)
+    with ops.policy(whole_logits_bytes_training=0):
+        out, grads = run_aa("torch", t, extra, g)
     assert calls and forward_calls
     assert_close(out, ref_out, "output")
     for name, grad in grads.items():
@@ -165,11 +166,10 @@ def test_native_backward_through_separable_bias(monkeypatch, geo) -> None:
     def run(backend, sep: bool):
         table = attn._bias_table(geom, torch.float64, torch.device("cpu"))[0]
         bias = SeparableBias.from_mlp_table(table, *geom.bias_taps(torch.float64, torch.device("cpu")))
-        out = torch_backend.aggregated_attention if backend == "torch" else importlib.import_module(
-            "transnext.ops.reference").aggregated_attention
-        res = out(q, t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"],
-                  extra["length_scale"], t["local_bias"], bias if sep else bias.materialize(), t["learnable_tokens"],
-                  t["learnable_bias"], extra["padding_mask"], size, 3)
+        res = ops.aggregated_attention(
+            q, t["k"], t["v"], t["k_pool"], t["v_pool"], t["query_embedding"], t["temperature"], extra["length_scale"],
+            t["local_bias"], bias if sep else bias.materialize(), t["learnable_tokens"], t["learnable_bias"],
+            extra["padding_mask"], size, 3, backend=backend)
         return torch.autograd.grad((res * res).sum(), [q, attn.cpb_fc1.weight, attn.cpb_fc2.bias])
 
     ref = run("reference", False)
@@ -333,6 +333,7 @@ import json, os, sys, threading
 import torch
 sys.path.insert(0, TESTS)
 from test_native import _all_kernels
+from transnext import ops
 from transnext.ops import native
 torch.set_num_threads(2)
 x = torch.randn(1 << 22)

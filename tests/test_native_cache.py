@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, TESTS)
 from test_ops import aa_inputs, run_aa
 from transnext.ops import native
-importlib.import_module("transnext.ops.torch_backend").WHOLE_LOGITS_BYTES = 0
+importlib.import_module("transnext.ops").policy(whole_logits_bytes=0).__enter__()  # always the blocked kernel
 calls = []
 real = native.aggregated_attention_forward
 native.aggregated_attention_forward = lambda *a, **k: calls.append(1) or real(*a, **k)

@@ -211,25 +211,22 @@ def test_full_attention_matches_reference(dtype) -> None:
 
 def test_full_attention_in_query_blocks(monkeypatch) -> None:
     """Large last-stage grids run in blocks of query rows: same outputs and gradients."""
-    torch_backend = importlib.import_module("transnext.ops.torch_backend")
-    monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 2 * 3 * 35 * 8 * 4)  # 4 rows per block
     t = fa_inputs(2, 3, 35, 8)
     g = torch.randn(2, 3, 35, 8, dtype=torch.float64)
-    res = full_attention_by_backend(t, g)
+    with ops.policy(full_attention_block_bytes=2 * 3 * 35 * 8 * 4):  # 4 rows per block
+        res = full_attention_by_backend(t, g)
     assert_close(res["torch"][0], res["reference"][0], "output")
     for name, a, b in zip(t, res["torch"][1], res["reference"][1]):
         assert_close(a, b, f"grad of {name}")
 
 
 @pytest.mark.parametrize("block_rows", [None, 4])
-def test_full_attention_inference_path(block_rows, monkeypatch) -> None:
+def test_full_attention_inference_path(block_rows) -> None:
     """Without autograd the torch backend fills the bias into its logits buffer and works in place."""
-    torch_backend = importlib.import_module("transnext.ops.torch_backend")
-    if block_rows:
-        monkeypatch.setattr(torch_backend, "FULL_ATTENTION_BLOCK_BYTES", 2 * 3 * 35 * 8 * block_rows)
+    budget = {"full_attention_block_bytes": 2 * 3 * 35 * 8 * block_rows} if block_rows else {}
     t = fa_inputs(2, 3, 35, 8)
     args = (t["q"], t["k"], t["v"], t["query_embedding"], t["temperature"], math.log(35), t["bias"])
-    with torch.no_grad():
+    with torch.no_grad(), ops.policy(**budget):
         ours = ops.full_attention(*args, 0.0, False, "torch")
         ref = ops.full_attention(*args, 0.0, False, "reference")
     assert_close(ours, ref, "output")
@@ -260,28 +257,26 @@ def test_conv_glu_matches_plain(size) -> None:
         assert_close(a, b, f"grad {i}")
 
 
-def test_conv_glu_training_in_batch_chunks(monkeypatch) -> None:
+def test_conv_glu_training_in_batch_chunks() -> None:
     """Forward and backward of the fused op in chunks of images (odd batch: last chunk of one)."""
-    common = importlib.import_module("transnext.ops._common")
-    monkeypatch.setattr(common, "MIN_CHUNK_TOKENS", 8)
     args = glu_inputs(5, (3, 4), 6, 10)
     g = torch.randn(5, 12, 6, dtype=torch.float64)
     outs = {}
     for backend in ("reference", "torch"):
         leaves = [a.clone().requires_grad_(True) for a in args]
-        out = ops.conv_glu(*leaves, (3, 4), 0.0, True, backend)
-        outs[backend] = (out, torch.autograd.grad(out, leaves, g))
+        with ops.policy(min_chunk_tokens=8):
+            out = ops.conv_glu(*leaves, (3, 4), 0.0, True, backend)
+            outs[backend] = (out, torch.autograd.grad(out, leaves, g))
     assert_close(outs["torch"][0], outs["reference"][0], "output")
     for i, (a, b) in enumerate(zip(outs["torch"][1], outs["reference"][1])):
         assert_close(a, b, f"grad {i}")
 
 
-def test_conv_glu_row_bands_equal_whole_image(monkeypatch) -> None:
+def test_conv_glu_row_bands_equal_whole_image() -> None:
     """Inference in row bands (big images) carries halo rows for the 3x3 conv: same result."""
     common = importlib.import_module("transnext.ops._common")
-    monkeypatch.setattr(common, "MIN_CHUNK_TOKENS", 8)
     args = glu_inputs(2, (40, 9), 4, 6)
-    with torch.no_grad():
+    with torch.no_grad(), ops.policy(min_chunk_tokens=8):
         assert len(common.inference_chunks(args[0], (40, 9), bands=True)) > 2
         out = ops.conv_glu(*args, (40, 9), 0.0, False, "torch")
         ref = ops.conv_glu(*args, (40, 9), 0.0, False, "reference")
@@ -311,11 +306,16 @@ def tiny_model(**kw):
     )
 
 
+@pytest.fixture
+def small_chunks():
+    """Inference chunks of 16 tokens: a small test input runs in several groups of images."""
+    with ops.policy(min_chunk_tokens=16):
+        yield
+
+
 @pytest.mark.parametrize("fixed_pool_size", [None, 2])
-def test_model_backends_agree_with_chunked_inference(monkeypatch, fixed_pool_size) -> None:
+def test_model_backends_agree_with_chunked_inference(small_chunks, fixed_pool_size) -> None:
     """Whole model, odd non-square input, batch chunked at inference: every backend equals reference."""
-    common = importlib.import_module("transnext.ops._common")
-    monkeypatch.setattr(common, "MIN_CHUNK_TOKENS", 16)
     torch.manual_seed(0)
     model = tiny_model(fixed_pool_size=fixed_pool_size).double().eval()
     x = torch.randn(5, 3, 75, 93, dtype=torch.float64)
@@ -410,9 +410,12 @@ def test_functional_path_used_under_tracing() -> None:
     torch_backend = importlib.import_module("transnext.ops.torch_backend")
     args = [t[k] for k in ("q", "k", "v", "k_pool", "v_pool", "query_embedding", "temperature")]
     args += [extra["length_scale"], t["local_bias"], t["pool_bias"], t["learnable_tokens"], t["learnable_bias"],
-             extra["padding_mask"], extra["size"], extra["window"], 0.0, False]
-    ref = ops.aggregated_attention(*args[:-2], 0.0, False, "reference")
-    assert_close(torch_backend._functional(*args), ref, "functional path")
+             extra["padding_mask"], extra["size"], extra["window"]]
+    ref = ops.aggregated_attention(*args, 0.0, False, "reference")
+    functional = torch_backend.functional_aggregated_attention(
+        ops.AttentionInputs(*args[:5]), ops.QueryScaling(args[5], args[6], args[7]),
+        ops.WindowTerms(args[8], args[10], args[11], args[12]), args[9], ops.Geometry(args[13], args[14]))
+    assert_close(functional, ref, "functional path")
 
 
 def test_model_bf16_autocast_training_gradients() -> None:

@@ -44,12 +44,12 @@ def _pair(v: int | Sequence[int]) -> Size:
 
 def _fx_tracing() -> bool:
     """True while torch.fx symbolically traces the model (proxies stand in for tensors and sizes)."""
-    symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)  # torch >= 2.5
-    return symbolic() if symbolic is not None else torch.fx._symbolic_trace.is_fx_tracing()
+    return ops.capture_mode() == "fx"
 
 
 def _is_tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """True while a graph is captured for torch.compile or export (tables are constants of the graph)."""
+    return ops.capture_mode() in ("compile", "export")
 
 
 class DropPath(nn.Module):
@@ -140,8 +140,6 @@ class _CosineAttentionBase(nn.Module):
 
     cpb_fc1: nn.Linear
     cpb_fc2: nn.Linear
-    # Bias-MLP inputs evaluated at once at inference: 32768 x 512 hidden floats = 64 MiB.
-    BIAS_MLP_ROWS = 32768
 
     def _init_shared(self, dim: int, num_heads: int) -> None:
         if dim % num_heads:
@@ -157,21 +155,33 @@ class _CosineAttentionBase(nn.Module):
     def _bias_params(self) -> tuple[Tensor, ...]:
         return (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
 
+    def _bias_problem(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device, keys: int,
+                      window: int) -> ops.AttentionProblem:
+        """This layer's attention problem for one image, as far as the bias alone tells (for a bias
+        asked for outside a forward pass)."""
+        return ops.AttentionProblem(
+            op="aggregated_attention" if window else "full_attention",
+            backend=ops.resolve_backend(getattr(self, "attn_backend", None), device.type), device=device.type,
+            dtype=dtype, grad=torch.is_grad_enabled() and any(p.requires_grad for p in self._bias_params()),
+            capture=ops.capture_mode(), autocast=False, dropout=False, batch=1, heads=self.num_heads,
+            tokens=geom.num_tokens, keys=keys, head_dim=self.head_dim, window=window, bias_dtype=dtype,
+        )
+
     def _bias_table(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """The bias MLP on every unique (dy, dx) pair: (h, Uy, Ux), with the per-axis pair indices."""
         coords, index_y, index_x = geom.cpb_inputs(dtype, device)
-        rows = self.BIAS_MLP_ROWS
+        rows = ops.current_policy().bias_mlp_rows
         fc1, fc2 = self.cpb_fc1, self.cpb_fc2
         plain_layers = type(fc1) is nn.Linear and type(fc2) is nn.Linear and fc1.bias is not None and fc2.bias is not None
-        if (torch.is_grad_enabled() and plain_layers and not _is_tracing() and ops.autocast_dtype(coords) is None
-                and coords.shape[0] > ops.BIAS_MLP_CHUNK_ROWS and any(p.requires_grad for p in self._bias_params())):
-            # Training at dense sizes: chunked, recomputing backward (no hidden activation kept).
-            table = ops.bias_mlp(coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        elif coords.shape[0] <= rows or torch.is_grad_enabled() or _is_tracing():
+        if coords.shape[0] <= rows or _is_tracing():
             table = self.cpb_fc2(F.relu(self.cpb_fc1(coords)))  # (Uy*Ux, h)
+        elif plain_layers and ops.autocast_dtype(coords) is None:
+            # Many pairs (dense sizes; linear mode at 2048 px: ~10^6): in chunks of pairs, so no 512-wide
+            # hidden activation is held for all of them; in training backward recomputes each chunk's.
+            table = ops.bias_mlp(coords, fc1.weight, fc1.bias, fc2.weight, fc2.bias, rows)
+        elif torch.is_grad_enabled():
+            table = self.cpb_fc2(F.relu(self.cpb_fc1(coords)))
         else:
-            # Large grids (linear mode at 2048 px: ~10^6 unique pairs) would hold a 512-wide hidden
-            # activation per pair at once: evaluate the MLP in row chunks instead (same values).
             table = torch.cat([self.cpb_fc2(F.relu(self.cpb_fc1(c))) for c in coords.split(rows)])
         uy, ux = geom.cpb.y.values.numel(), geom.cpb.x.values.numel()
         return table.t().reshape(self.num_heads, uy, ux), index_y, index_x
@@ -258,30 +268,22 @@ class AggregatedAttention(_CosineAttentionBase):
         self.cpb_fc1 = nn.Linear(2, 512, bias=True)
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
 
-    # Largest pooled-key bias kept as one (h, N, Np) tensor. Past it (stage 1 of transnext_tiny
-    # from about 300 px) the layer keeps only the bias MLP on unique pairs (cached, small) and
-    # the attention op produces the bias a block of query rows at a time (SeparableBias).
-    MATERIALIZE_BIAS_BYTES = 16 << 20
-    # In training the whole bias costs its construction's backward too (the gather's scatter-add and,
-    # in interpolate mode, two bilinear resizes) where the factors' gradient is a few slab
-    # additions, so the factors take over from a smaller size (the blocked op's training budget).
-    MATERIALIZE_BIAS_BYTES_TRAINING = 4 << 20
-
-    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device) -> Tensor | SeparableBias:
-        nbytes = self.num_heads * geom.num_tokens * geom.num_keys * dtype.itemsize
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self._bias_params())
-        limit = self.MATERIALIZE_BIAS_BYTES_TRAINING if training else self.MATERIALIZE_BIAS_BYTES
-        # (TorchScript tracing, e.g. ONNX export, needs the plain tensor; torch.compile keeps the factors.)
-        if nbytes <= limit or torch.jit.is_tracing():
+    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device,
+                      factored: bool | None = None) -> Tensor | SeparableBias:
+        """The (h, N, Np) pooled-key bias, or with ``factored`` its factors (:class:`SeparableBias`):
+        the bias MLP on unique pairs (cached, small) and per-axis taps, from which the attention op
+        produces the bias a block of query rows at a time. ``None``: factors where the kernel choice
+        for this layer wants them (past ``KernelPolicy.aggregated_bias_bytes*``)."""
+        if factored is None:
+            factored = ops.wants_factored_bias(self._bias_problem(geom, dtype, device, geom.num_keys, self.window_size))
+        if not factored:
             return super().position_bias(geom, dtype, device)
         table = self._cached(geom, dtype, device, "mlp", lambda g, dt, dev: self._bias_table(g, dt, dev)[0])
         y_taps, x_taps = geom.bias_taps(dtype, device)
         return SeparableBias.from_mlp_table(table, y_taps, x_taps)
 
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
-        # The reference formulation runs the whole batch at once, as the original does.
-        reference = ops.resolve_backend(self.attn_backend, x.device.type) == "reference"
-        chunks = None if reference else ops.inference_chunks(x, (H, W))
+        chunks = ops.attention_chunks(x, (H, W), self.attn_backend)
         if chunks is None:
             return self._forward(x, H, W, geom)
         # Inference: groups of images, so transient buffers stay small (same result).
@@ -311,31 +313,25 @@ class AggregatedAttention(_CosineAttentionBase):
         kv_pool = self.kv(pooled).reshape(B, Np, 2, h, d)
         k_pool, v_pool = kv_pool[:, :, 0].transpose(1, 2), kv_pool[:, :, 1].transpose(1, 2)
 
+        inputs = ops.AttentionInputs(q, k, v, k_pool, v_pool)
+        scaling = ops.QueryScaling(self.query_embedding, self.temperature, geom.length_scale(x.dtype, x.device))
+        terms = ops.WindowTerms(self.relative_pos_bias_local, self.learnable_tokens, self.learnable_bias,
+                                geom.padding_mask(x.device))
+        geometry = ops.Geometry((H, W), self.window_size)
+        # The kernel choice says whether the bias is wanted as factors (large grids, a kernel that takes them).
+        problem = ops.aggregated_problem(inputs, scaling, terms, None, geometry, self.attn_drop, self.training,
+                                         self.attn_backend, extra_grad=self._bias_params(), bias_dtype=x.dtype)
+        bias = self.position_bias(geom, x.dtype, x.device, factored=ops.wants_factored_bias(problem))
         out = ops.aggregated_attention(
-            q, k, v, k_pool, v_pool,
-            self.query_embedding,
-            self.temperature,
-            geom.length_scale(x.dtype, x.device),
-            self.relative_pos_bias_local,
-            self.position_bias(geom, x.dtype, x.device),
-            self.learnable_tokens,
-            self.learnable_bias,
-            geom.padding_mask(x.device),
-            (H, W),
-            self.window_size,
-            self.attn_drop,
-            self.training,
-            self.attn_backend,
+            q, k, v, k_pool, v_pool, self.query_embedding, self.temperature, scaling.length_scale,
+            self.relative_pos_bias_local, bias, self.learnable_tokens, self.learnable_bias, terms.padding_mask,
+            (H, W), self.window_size, self.attn_drop, self.training, self.attn_backend,
         )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
 class FullAttention(_CosineAttentionBase):
     """Multi-head cosine attention over all tokens (stages with sr_ratio 1)."""
-
-    # Largest position bias kept as one (h, N, N) tensor; 64 MiB is N = 836 tokens at 24 heads
-    # (transnext_tiny's last stage at about 900 px).
-    MATERIALIZE_BIAS_BYTES = 64 << 20
 
     def __init__(
         self,
@@ -357,25 +353,39 @@ class FullAttention(_CosineAttentionBase):
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
 
     def _compute_position_bias(
-        self, geom: StageGeometry, dtype: torch.dtype, device: torch.device
+        self, geom: StageGeometry, dtype: torch.dtype, device: torch.device, factored: bool = False
     ) -> Tensor | BlockwiseBias:
-        # h * N^2 values: past MATERIALIZE_BIAS_BYTES keep only the small tables (memory linear in pixels).
-        nbytes = self.num_heads * geom.num_tokens**2 * dtype.itemsize
-        if nbytes <= self.MATERIALIZE_BIAS_BYTES or _is_tracing():
+        if not factored:
             return super()._compute_position_bias(geom, dtype, device)
+        # h * N^2 values at once would be gigabytes at dense sizes: keep only the small tables (memory
+        # linear in pixels); the attention op produces the bias per block of queries.
         table, index_y, index_x = self._bias_table(geom, dtype, device)
         if not geom.interpolate:
             return BlockwiseBias(geom.size, table, index_y, index_x)
         bias = self._key_resized_bias(geom, table, index_y, index_x)
         return BlockwiseBias(geom.size, bias.reshape(self.num_heads, index_y.shape[0], index_x.shape[0], -1))
 
+    def position_bias(self, geom: StageGeometry, dtype: torch.dtype, device: torch.device,
+                      factored: bool | None = None) -> Tensor | BlockwiseBias:
+        """(h, N, N) bias, or with ``factored`` a :class:`BlockwiseBias` (same values, produced per
+        block of queries by the attention op); cached while the MLP cannot change. ``None``: blockwise
+        where the kernel choice for this layer wants it (past ``KernelPolicy.full_bias_bytes``)."""
+        if factored is None:
+            factored = ops.wants_factored_bias(self._bias_problem(geom, dtype, device, geom.num_tokens, 0))
+        kind = "blockwise" if factored else "bias"
+        return self._cached(geom, dtype, device, kind, lambda g, dt, dev: self._compute_position_bias(g, dt, dev, factored))
+
     def forward(self, x: Tensor, H: int, W: int, geom: StageGeometry) -> Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        # The kernel choice says whether the bias is wanted per block of queries (large grids).
+        problem = ops.full_problem(q, (k, v, self.query_embedding, self.temperature), None, self.attn_drop, self.training,
+                                   self.attn_backend, extra_grad=self._bias_params(), bias_dtype=x.dtype)
+        bias = self.position_bias(geom, x.dtype, x.device, factored=ops.wants_factored_bias(problem))
         out = ops.full_attention(
             q, k, v, self.query_embedding, self.temperature, geom.length_scale(x.dtype, x.device),
-            self.position_bias(geom, x.dtype, x.device), self.attn_drop, self.training, self.attn_backend,
+            bias, self.attn_drop, self.training, self.attn_backend,
         )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 

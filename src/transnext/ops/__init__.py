@@ -13,8 +13,16 @@ Backends:
   ``TRITON_INTERPRET=1``, for tests).
 
 ``auto`` (the default) picks ``triton`` for CUDA tensors when it is installed, else ``torch``.
-The ``TRANSNEXT_ATTN_BACKEND`` environment variable overrides ``auto``. Selection, per-backend
-capabilities and the fallbacks (each warned once) live in :mod:`transnext.ops.dispatch`.
+The ``TRANSNEXT_ATTN_BACKEND`` environment variable overrides ``auto``. Which implementation
+runs each call (reference, whole, blocked torch, blocked native, triton, a compiled custom op, ...)
+is decided in one place, :func:`transnext.ops.dispatch.select_implementation`, from the problem
+and the budgets of :class:`KernelPolicy` (changed with :func:`policy`);
+:func:`describe_decisions` lists the decision of every layer of a model.
+
+Layering (each module imports only from the layers below it; ``tests/test_dispatch.py`` checks):
+shared helpers (``_common``, ``bias``) <- kernels (``reference``, ``torch_backend``, ``blocked``,
+``native``, ``triton_backend``, ``conv_glu``, ``pooling``, ``bias_mlp``) <- custom-op wrappers
+(``compiled``) <- ``dispatch`` <- this package.
 
 The normalisation of queries and keys and the query scaling (query embedding, softplus
 temperature, length scale) are part of the ops: the fast backends fuse them and keep only the
@@ -23,60 +31,80 @@ normalised tensors and their norms for backward.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 from torch import Tensor
 
-from ._common import autocast_dtype, inference_chunks, is_tracing
-from .bias_mlp import CHUNK_ROWS as BIAS_MLP_CHUNK_ROWS
+from ._common import (
+    AttentionInputs,
+    CaptureMode,
+    Geometry,
+    KernelPolicy,
+    QueryScaling,
+    WindowTerms,
+    autocast_dtype,
+    capture_mode,
+    current_policy,
+    inference_chunks,
+    policy,
+)
 from .bias_mlp import bias_mlp
-from .conv_glu import conv_glu
-from .dispatch import BACKENDS, CAPABILITIES, ENV_VAR, resolve_backend, select_backend, triton_usable
-from .pooling import sr_gelu_pool
+from .dispatch import (
+    BACKENDS,
+    CAPABILITIES,
+    ENV_VAR,
+    AttentionProblem,
+    Choice,
+    LayerProblem,
+    aggregated_problem,
+    attention_chunks,
+    describe_decisions,
+    format_decisions,
+    full_problem,
+    resolve_backend,
+    run_aggregated_attention,
+    run_conv_glu,
+    run_full_attention,
+    run_sr_gelu_pool,
+    select_backend,
+    select_implementation,
+    triton_usable,
+    wants_factored_bias,
+)
 
 __all__ = [
     "BACKENDS",
     "CAPABILITIES",
     "ENV_VAR",
-    "BIAS_MLP_CHUNK_ROWS",
+    "AttentionInputs",
+    "AttentionProblem",
+    "CaptureMode",
+    "Choice",
+    "Geometry",
+    "KernelPolicy",
+    "LayerProblem",
+    "QueryScaling",
+    "WindowTerms",
     "aggregated_attention",
+    "aggregated_problem",
+    "attention_chunks",
     "autocast_dtype",
     "available_backends",
     "bias_mlp",
+    "capture_mode",
     "conv_glu",
+    "current_policy",
+    "describe_decisions",
+    "format_decisions",
     "full_attention",
+    "full_problem",
     "inference_chunks",
+    "policy",
     "resolve_backend",
     "select_backend",
+    "select_implementation",
     "set_backend",
     "sr_gelu_pool",
+    "wants_factored_bias",
 ]
-
-_MODULES = {
-    "reference": "transnext.ops.reference",
-    "torch": "transnext.ops.torch_backend",
-    "triton": "transnext.ops.triton_backend",
-}
-
-
-_LOADED: dict[str, ModuleType] = {}
-
-
-def _load(name: str) -> ModuleType:
-    # A plain dict lookup after the first import: torch.compile traces through it without a
-    # graph break (importlib.import_module is opaque to it).
-    mod = _LOADED.get(name)
-    if mod is None:
-        mod = _LOADED[name] = importlib.import_module(_MODULES[name])
-    return mod
-
-
-# The pure-PyTorch backends are imported with the package, so the first forward of a model under
-# torch.compile finds them loaded (an import inside a traced forward is a graph break in every
-# layer); Triton stays lazy (it may be absent or slow to import).
-_load("reference")
-_load("torch")
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:
@@ -114,17 +142,15 @@ def aggregated_attention(
     ``v_pool``: (B, h, Np, d); ``query_embedding`` (h, 1, d); ``temperature`` (h, 1, 1), the raw
     parameter (softplus is applied here); ``length_scale`` (N, 1), ln(keys seen per query);
     ``local_bias`` (h, w*w); ``pool_bias`` (h, N, Np), or its factors
-    (:class:`~transnext.ops.bias.SeparableBias`, large grids; other backends than ``torch``
-    get it materialised); ``learnable_tokens`` (h, d, w*w);
+    (:class:`~transnext.ops.bias.SeparableBias`, large grids; implementations that do not take
+    factors get it materialised); ``learnable_tokens`` (h, d, w*w);
     ``learnable_bias`` (h, 1, w*w); ``padding_mask`` (N, w*w) bool, True outside the image.
     Returns (B, h, N, d).
     """
-    name = select_backend("aggregated_attention", backend, q.device.type, attn_drop > 0.0 and training, is_tracing())
-    if not isinstance(pool_bias, Tensor) and name != "torch":
-        pool_bias = pool_bias.materialize()  # only the torch backend takes the bias as factors
-    return _load(name).aggregated_attention(
-        q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
-        learnable_tokens, learnable_bias, padding_mask, size, window, attn_drop, training,
+    return run_aggregated_attention(
+        AttentionInputs(q, k, v, k_pool, v_pool), QueryScaling(query_embedding, temperature, length_scale),
+        WindowTerms(local_bias, learnable_tokens, learnable_bias, padding_mask), pool_bias,
+        Geometry((int(size[0]), int(size[1])), int(window)), attn_drop, training, backend,
     )
 
 
@@ -145,13 +171,10 @@ def full_attention(
     ``softmax(((q_hat + query_embedding) * softplus(temperature) * length_scale) @ k_hat^T + bias) @ v``
     with L2-normalised ``q_hat``, ``k_hat`` and no 1/sqrt(d). ``q``, ``k``, ``v``: (B, h, N, d);
     ``bias``: (h, N, N), or a :class:`~transnext.models.position_bias.BlockwiseBias` for large
-    grids (the ``torch`` backend takes it a block of queries at a time; the others materialise
-    it). Returns (B, h, N, d).
+    grids (the blocked ``torch`` kernels take it a block of queries at a time; the others
+    materialise it). Returns (B, h, N, d).
     """
-    name = select_backend("full_attention", backend, q.device.type, attn_drop > 0.0 and training, is_tracing())
-    if not isinstance(bias, Tensor) and name != "torch":
-        bias = bias.materialize()
-    return _load(name).full_attention(q, k, v, query_embedding, temperature, length_scale, bias, attn_drop, training)
+    return run_full_attention(q, k, v, query_embedding, temperature, length_scale, bias, attn_drop, training, backend)
 
 
 def set_backend(model, backend: str | None) -> None:
@@ -165,3 +188,38 @@ def set_backend(model, backend: str | None) -> None:
     for m in model.modules():
         if hasattr(m, "attn_backend"):
             m.attn_backend = backend
+
+
+def conv_glu(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    dw_weight: Tensor,
+    dw_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    size: tuple[int, int],
+    drop: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """``fc2(GELU(dwconv3x3(gate)) * value)``, ``[gate | value] = fc1(x)``; x: (B, N, C) over ``size``.
+
+    The ``reference`` backend runs the plain module formulation (the baseline of benchmarks).
+    """
+    return run_conv_glu(x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, size, drop, training, backend)
+
+
+def sr_gelu_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    size: tuple[int, int],
+    pool: tuple[int, int],
+    backend: str | None = None,
+) -> Tensor:
+    """``adaptive_avg_pool2d(GELU(conv1x1(x_map)), pool)`` as (B, Hp*Wp, C) tokens; x: (B, N, C) over ``size``.
+
+    The ``reference`` backend runs the plain module formulation.
+    """
+    return run_sr_gelu_pool(x, weight, bias, size, pool, backend)

@@ -3,7 +3,7 @@
 At dense resolutions the pooled key grid grows with the image (about 1,000 pooled keys per query
 at 800 x 1344), so whole (B, h, N, Np) logits, probabilities and position bias are gigabytes per
 layer. Here the queries are processed a block of grid rows at a time, sized so the block's
-logits stay cache-resident (``BLOCK_ELEMENTS``):
+logits stay cache-resident (``KernelPolicy.block_elements``):
 
 1. q.k of the pooled keys by one batched matmul into a contiguous buffer,
 2. the block's bias, gathered from the layer's :class:`SeparableBias` factors, added on the way
@@ -15,10 +15,13 @@ Training saves only the normalised inputs (O(N * d)); backward recomputes each b
 softmax with the same ops (so the probabilities are bitwise those of the forward) and
 accumulates every gradient, including the bias factors' (the bias MLP learns exactly as before).
 Dropout on the attention probabilities is not supported here (the dispatcher routes it to the
-whole-tensor path).
+whole-tensor path). Whether the native CPU kernel runs the blocks is the caller's choice
+(``native=``, decided by :mod:`transnext.ops.dispatch`); the op checks that it can.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -26,31 +29,39 @@ from torch import Tensor
 
 from . import native
 from ._common import (
+    AA_DIFFERENTIABLE,
+    AA_FLAT_FIELDS,
+    AttentionInputs,
+    Geometry,
+    QueryScaling,
+    WindowTerms,
+    attention_input_grads,
     autocast_off,
+    cast,
     compute_dtype,
-    normalize_backward,
+    local_table,
     normalize_into,
-    scaled_query_backward,
-    window_input_grads,
+    window_offsets,
 )
 from .bias import SeparableBias, rows_from_table, table_grad_from_rows
 
-__all__ = ["BLOCK_ELEMENTS", "blocked_aggregated_attention", "block_rows"]
+__all__ = ["FlatArgs", "backward_flat", "blocked_aggregated_attention", "block_rows", "flat_args", "forward_flat"]
 
-# Logits of one block: B * h * rows * W * (Np + w*w) floats. 2^20 floats (4 MiB in float32) keeps
-# a block's buffers in the L2/L3 caches of a CPU core pair while each matmul still has hundreds
-# of rows (on a 2-core Zen 3, blocks of 2^19 to 2^21 values ran within 5% of each other at
-# 800 x 1344; the whole-tensor layout, by contrast, streams gigabytes through memory).
-BLOCK_ELEMENTS = 1 << 20
+# The op's tensors by name (the order of AA_FLAT_FIELDS): what the autograd Function and the custom ops pass.
+FlatArgs = namedtuple("FlatArgs", AA_FLAT_FIELDS)
 
 
-def block_rows(B: int, h: int, W: int, keys: int, H: int) -> int:
-    """Grid rows per block so that one block's logits hold about ``BLOCK_ELEMENTS`` values."""
-    return max(1, min(H, BLOCK_ELEMENTS // max(1, B * h * W * keys)))
+def flat_args(inputs: AttentionInputs, scaling: QueryScaling, terms: WindowTerms, bias: SeparableBias) -> FlatArgs:
+    """The bundles as the op's flat tensors (softplus applied to the temperature)."""
+    return FlatArgs(*inputs, scaling.query_embedding, F.softplus(scaling.temperature), scaling.length_scale,
+                    terms.local_bias, bias.table, bias.y_index, bias.y_weight, terms.learnable_tokens,
+                    terms.learnable_bias, terms.padding_mask)
 
 
-def _offsets(window: int) -> list[tuple[int, int, int]]:
-    return [(o, o // window, o % window) for o in range(window * window)]
+def block_rows(B: int, h: int, W: int, keys: int, H: int, block_elements: int) -> int:
+    """Grid rows per block so that one block's logits hold about ``block_elements`` values
+    (``KernelPolicy.block_elements``)."""
+    return max(1, min(H, block_elements // max(1, B * h * W * keys)))
 
 
 class _Prepared:
@@ -87,7 +98,7 @@ class _Block:
         self.qk = torch.empty((B * h, rows * W, Np), dtype=dt, device=device)
         self.shape = (B, h, W, Np, L)
 
-    def probs(self, p: _Prepared, qs: Tensor, bias, local_table: Tensor, y0: int, y1: int, window: int) -> Tensor:
+    def probs(self, p: _Prepared, qs: Tensor, bias, ltable: Tensor, y0: int, y1: int, window: int) -> Tensor:
         """(B*h, rows*W, Np + L) softmax over [pooled | local] keys of the block's queries."""
         B, h, W, Np, L = self.shape
         table, y_index, y_weight, unit = bias
@@ -109,10 +120,10 @@ class _Block:
         local = torch.empty((B, h, rows, W, L), dtype=buf.dtype, device=buf.device)
         qs5 = qs_blk.view(B, h, rows, W, d)
         tmp = torch.empty_like(qs5)
-        for o, i, j in _offsets(window):
+        for o, i, j in window_offsets(window):
             torch.mul(qs5, p.k_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
             torch.sum(tmp, dim=-1, out=local[..., o])
-        torch.add(local.view(B, h, nb, L), local_table[:, y0 * W : y1 * W], out=buf.view(B, h, nb, Np + L)[..., Np:])
+        torch.add(local.view(B, h, nb, L), ltable[:, y0 * W : y1 * W], out=buf.view(B, h, nb, Np + L)[..., Np:])
         torch.softmax(buf, dim=-1, out=buf)
         return buf
 
@@ -123,40 +134,39 @@ def _bias_factors(table: Tensor, y_index: Tensor, y_weight: Tensor, dt) -> tuple
     return table.to(dt), y_index, y_weight.to(dt), unit
 
 
-def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype) -> Tensor:
-    """(h, N, L): local position bias, -inf on window slots outside the image."""
-    neg = torch.zeros(padding_mask.shape, dtype=dtype, device=local_bias.device)
-    neg.masked_fill_(padding_mask.to(local_bias.device), float("-inf"))
-    return local_bias.to(dtype).unsqueeze(1) + neg
+def _check_native(q_hat: Tensor, window: int, use_native: bool) -> None:
+    if use_native and not native.supports(q_hat, window):
+        raise RuntimeError(f"the native blocked kernel was chosen for a problem it does not take ({q_hat.dtype} on "
+                           f"{q_hat.device.type}, head size {q_hat.shape[-1]}, window {window}, {native.describe(q_hat.dtype)})")
 
 
-def _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-             bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window) -> tuple[Tensor, _Prepared]:
+def forward_flat(a: FlatArgs, geometry: Geometry, use_native: bool, block_elements: int) -> tuple[Tensor, _Prepared]:
     """Output (B, h, N, d) in q's dtype, and the prepared inputs backward needs."""
-    B, h, N, d = q.shape
-    H, W = size
-    r, L, Np = window // 2, window * window, k_pool.shape[2]
-    dt = compute_dtype(q)
-    with autocast_off(q.device.type):
-        p = _prepare(q, k, v, k_pool, v_pool, size, r, dt)
-        factor = mult.to(dt) * length_scale.to(dt)  # (h, N, 1)
-        qs = torch.add(p.q_hat, query_embedding.to(dt)).mul_(factor)
-        bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
-        local_table = _local_table(local_bias, padding_mask, dt)
-        tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
-        if native.supports(p.q_hat, window):
+    B, h, N, d = a.q.shape
+    (H, W), window = geometry
+    r, L, Np = window // 2, window * window, a.k_pool.shape[2]
+    dt = compute_dtype(a.q)
+    with autocast_off(a.q.device.type):
+        p = _prepare(a.q, a.k, a.v, a.k_pool, a.v_pool, (H, W), r, dt)
+        _check_native(p.q_hat, window, use_native)
+        factor = a.mult.to(dt) * a.length_scale.to(dt)  # (h, N, 1)
+        qs = torch.add(p.q_hat, a.query_embedding.to(dt)).mul_(factor)
+        bias = _bias_factors(a.bias_table, a.bias_y_index, a.bias_y_weight, dt)
+        ltable = local_table(a.local_bias, a.padding_mask, dt)
+        tokens, lbias = a.learnable_tokens.to(dt), a.learnable_bias.to(dt)
+        if use_native:
             extra = torch.matmul(p.q_hat, tokens).add_(lbias)
             out = native.aggregated_attention_forward(
-                qs, p.kp_hat, p.vp, p.k_pad, p.v_pad, bias[0], bias[1], bias[2], local_table, extra, (H, W), window
+                qs, p.kp_hat, p.vp, p.k_pad, p.v_pad, bias[0], bias[1], bias[2], ltable, extra, (H, W), window
             )
-            return out.to(q.dtype), p
-        rows = block_rows(B, h, W, Np + L, H)
-        block = _Block(B, h, W, Np, L, rows, dt, q.device)
-        out = torch.empty((B, h, N, d), dtype=dt, device=q.device)
+            return out.to(a.q.dtype), p
+        rows = block_rows(B, h, W, Np + L, H, block_elements)
+        block = _Block(B, h, W, Np, L, rows, dt, a.q.device)
+        out = torch.empty((B, h, N, d), dtype=dt, device=a.q.device)
         for y0 in range(0, H, rows):
             y1 = min(H, y0 + rows)
             n0, n1 = y0 * W, y1 * W
-            probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+            probs = block.probs(p, qs, bias, ltable, y0, y1, window)
             out_blk = out[:, :, n0:n1]
             torch.matmul(probs[:, :, :Np].view(B, h, n1 - n0, Np), p.vp, out=out_blk)
             weights = torch.matmul(p.q_hat[:, :, n0:n1], tokens)  # (B, h, nb, L)
@@ -164,55 +174,64 @@ def _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local
             weights += lbias
             out5 = out_blk.view(B, h, y1 - y0, W, d)
             w5 = weights.view(B, h, y1 - y0, W, L)
-            for o, i, j in _offsets(window):
+            for o, i, j in window_offsets(window):
                 out5.addcmul_(w5[..., o : o + 1], p.v_pad[:, :, y0 + i : y1 + i, j : j + W])
-    return out.to(q.dtype), p
+    return out.to(a.q.dtype), p
 
 
 class _BlockedAggregatedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-                bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window):
-        out, p = _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table,
-                          bias_y_index, bias_y_weight, learnable_tokens, learnable_bias, padding_mask, size, window)
+    def forward(ctx, *args):
+        *tensors, geometry, use_native, block_elements = args
+        a = FlatArgs(*tensors)
+        out, p = forward_flat(a, geometry, use_native, block_elements)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(
-                p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad, p.kp_hat, p.kp_norm, p.vp, query_embedding, mult,
-                length_scale, local_bias, bias_table, bias_y_index, bias_y_weight, learnable_tokens, learnable_bias,
-                padding_mask,
-            )
-        ctx.geometry = (tuple(size), window)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype, k_pool.dtype, v_pool.dtype)
+            ctx.save_for_backward(p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad, p.kp_hat, p.kp_norm, p.vp, *a[5:])
+        ctx.config = (geometry, use_native, block_elements)
+        ctx.dtypes = tuple(t.dtype for t in a[:5])
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, *rest) = ctx.saved_tensors
+        q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp, *rest = ctx.saved_tensors
         p = _Prepared(q_hat, q_norm, k_pad, k_norm, v_pad, kp_hat, kp_norm, vp)
-        return _backward(p, grad_out, *rest, ctx.geometry, ctx.needs_input_grad, ctx.dtypes) + (None,) * 2
+        a = FlatArgs(None, None, None, None, None, *rest)
+        needs = FlatArgs(*ctx.needs_input_grad[: len(AA_FLAT_FIELDS)])
+        geometry, use_native, block_elements = ctx.config
+        grads = _backward(p, grad_out, a, geometry, needs, ctx.dtypes, use_native, block_elements)
+        return (*grads, None, None, None)
 
 
-def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-              bias_y_weight, learnable_tokens, learnable_bias, padding_mask, geometry, needs, dtypes) -> tuple:
+def backward_flat(grad_out: Tensor, a: FlatArgs, geometry: Geometry, needs: FlatArgs, use_native: bool,
+                  block_elements: int) -> FlatArgs:
+    """Gradients of every input of the op from its inputs (the prepared tensors recomputed)."""
+    dt = compute_dtype(a.q)
+    with autocast_off(a.q.device.type):
+        p = _prepare(a.q, a.k, a.v, a.k_pool, a.v_pool, geometry.size, geometry.window // 2, dt)
+    return _backward(p, grad_out, a, geometry, needs, tuple(t.dtype for t in a[:5]), use_native, block_elements)
+
+
+def _backward(p: _Prepared, grad_out: Tensor, a: FlatArgs, geometry: Geometry, needs: FlatArgs, dtypes: tuple,
+              use_native: bool, block_elements: int) -> FlatArgs:
     """Gradients of every input of the blocked op (None where ``needs`` says none is wanted)."""
     q_hat, q_norm, k_pad, k_norm, v_pad = p.q_hat, p.q_norm, p.k_pad, p.k_norm, p.v_pad
     kp_hat, kp_norm, vp = p.kp_hat, p.kp_norm, p.vp
     (H, W), window = geometry
-    r = window // 2
     dt = q_hat.dtype
     with autocast_off(q_hat.device.type):
         g = grad_out.to(dt).contiguous()
-        factor = mult.to(dt) * length_scale.to(dt)
-        qe = query_embedding.to(dt)
+        factor = a.mult.to(dt) * a.length_scale.to(dt)
+        qe = a.query_embedding.to(dt)
         qs = torch.add(q_hat, qe).mul_(factor)
-        bias = _bias_factors(bias_table, bias_y_index, bias_y_weight, dt)
-        local_table = _local_table(local_bias, padding_mask, dt)
-        tokens, lbias = learnable_tokens.to(dt), learnable_bias.to(dt)
-        if native.supports(q_hat, window):
+        bias = _bias_factors(a.bias_table, a.bias_y_index, a.bias_y_weight, dt)
+        ltable = local_table(a.local_bias, a.padding_mask, dt)
+        tokens, lbias = a.learnable_tokens.to(dt), a.learnable_bias.to(dt)
+        _check_native(q_hat, window, use_native)
+        if use_native:
             extra = torch.matmul(q_hat, tokens).add_(lbias)
             grads = native.aggregated_attention_backward(
-                g, qs, kp_hat, vp, k_pad, v_pad, bias[0], bias[1], bias[2], local_table, extra, (H, W), window,
-                want_k=needs[1], want_v=needs[2], want_table=needs[9],
+                g, qs, kp_hat, vp, k_pad, v_pad, bias[0], bias[1], bias[2], ltable, extra, (H, W), window,
+                want_k=needs.k, want_v=needs.v, want_table=needs.bias_table,
             )
             del extra
             dqs, dw, dkp_hat, dvp = grads["dqs"], grads["dw"], grads["dkp"], grads["dvp"]
@@ -224,34 +243,35 @@ def _backward(p: _Prepared, grad_out, query_embedding, mult, length_scale, local
             del grads, dw
         else:
             dqs, dq_hat, dkp_hat, dvp, dk_pad, dv_pad, d_table, d_local_bias, d_tokens, d_lbias = _blocks_backward(
-                p, g, qs, bias, local_table, tokens, lbias, bias_table, bias_y_index, (H, W), window, needs)
-
-        # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
+                p, g, qs, bias, ltable, tokens, lbias, a.bias_table, a.bias_y_index, (H, W), window, needs,
+                block_elements)
         del qs
-        d_mult, d_qe = scaled_query_backward(dqs, dq_hat, q_hat, qe, factor, length_scale, needs[6], needs[5])
-        del dqs
-        dq = normalize_backward(dq_hat, q_hat, q_norm) if needs[0] else None
-        dk, dv = window_input_grads(dk_pad, dv_pad, k_pad, k_norm, (H, W), r)
-        dkp = normalize_backward(dkp_hat, kp_hat, kp_norm) if needs[3] else None
+        # Query scaling (qs = (q_hat + qe) * softplus(temperature) * length_scale), normalisation, padding.
+        d = attention_input_grads(dqs, dq_hat, q_hat, q_norm, qe, factor, a.length_scale, dk_pad, dv_pad, k_pad, k_norm,
+                                  dkp_hat if needs.k_pool else None, kp_hat, kp_norm, (H, W), window, needs.q,
+                                  needs.mult, needs.query_embedding)
     q_dt, k_dt, v_dt, kp_dt, vp_dt = dtypes
-    return (
-        _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp if needs[4] else None, vp_dt),
-        _cast(d_qe, query_embedding.dtype), _cast(d_mult, mult.dtype), None,
-        _cast(d_local_bias if needs[8] else None, local_bias.dtype), _cast(d_table, bias_table.dtype), None, None,
-        _cast(d_tokens if needs[12] else None, learnable_tokens.dtype),
-        _cast(d_lbias if needs[13] else None, learnable_bias.dtype), None,
+    return FlatArgs(
+        q=cast(d["q"], q_dt), k=cast(d["k"], k_dt), v=cast(d["v"], v_dt), k_pool=cast(d["k_pool"], kp_dt),
+        v_pool=cast(dvp if needs.v_pool else None, vp_dt), query_embedding=cast(d["qe"], a.query_embedding.dtype),
+        mult=cast(d["mult"], a.mult.dtype), length_scale=None,
+        local_bias=cast(d_local_bias if needs.local_bias else None, a.local_bias.dtype),
+        bias_table=cast(d_table, a.bias_table.dtype), bias_y_index=None, bias_y_weight=None,
+        learnable_tokens=cast(d_tokens if needs.learnable_tokens else None, a.learnable_tokens.dtype),
+        learnable_bias=cast(d_lbias if needs.learnable_bias else None, a.learnable_bias.dtype), padding_mask=None,
     )
 
 
-def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Tensor, tokens: Tensor, lbias: Tensor,
-                     bias_table: Tensor, bias_y_index: Tensor, size, window: int, needs) -> tuple:
+def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, ltable: Tensor, tokens: Tensor, lbias: Tensor,
+                     bias_table: Tensor, bias_y_index: Tensor, size, window: int, needs: FlatArgs,
+                     block_elements: int) -> tuple:
     """The backward's per-block loop in torch ops (where the native kernel does not run)."""
     q_hat, k_pad, v_pad, kp_hat, vp = p.q_hat, p.k_pad, p.v_pad, p.kp_hat, p.vp
     H, W = size
     B, h, N, d = q_hat.shape
     L, Np = window * window, kp_hat.shape[2]
     dt = q_hat.dtype
-    rows = block_rows(B, h, W, Np + L, H)
+    rows = block_rows(B, h, W, Np + L, H, block_elements)
     block = _Block(B, h, W, Np, L, rows, dt, q_hat.device)
     d_buf = torch.empty_like(block.buf)  # d(loss)/d(probabilities), then the logits' gradient
     d_out = torch.empty_like(block.buf)
@@ -261,9 +281,9 @@ def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Ten
     dq_hat = torch.empty_like(q_hat)
     dkp_hat = torch.zeros_like(kp_hat)
     dvp = torch.zeros_like(vp)
-    dk_pad = torch.zeros_like(k_pad) if needs[1] else None
-    dv_pad = torch.zeros_like(v_pad) if needs[2] else None
-    d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs[9] else None
+    dk_pad = torch.zeros_like(k_pad) if needs.k else None
+    dv_pad = torch.zeros_like(v_pad) if needs.v else None
+    d_table = torch.zeros(bias_table.shape, dtype=dt, device=bias_table.device) if needs.bias_table else None
     d_local_bias = torch.zeros((h, L), dtype=dt, device=q_hat.device)
     d_tokens = torch.zeros((h, d, L), dtype=dt, device=q_hat.device)
     d_lbias = torch.zeros((h, 1, L), dtype=dt, device=q_hat.device)
@@ -272,7 +292,7 @@ def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Ten
         y1 = min(H, y0 + rows)
         n0, n1, nr = y0 * W, y1 * W, y1 - y0
         nb = n1 - n0
-        probs = block.probs(p, qs, bias, local_table, y0, y1, window)
+        probs = block.probs(p, qs, bias, ltable, y0, y1, window)
         g_blk = g[:, :, n0:n1]
         g5 = g_blk.view(B, h, nr, W, d)
         # d(loss)/d(probabilities): pooled by one matmul, window slots by shifted views.
@@ -281,7 +301,7 @@ def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Ten
         dp[:, :, :Np].copy_(block.qk[:, :nb])
         d_w = torch.empty((B, h, nr, W, L), dtype=dt, device=g.device)
         tmp = torch.empty_like(g5)
-        for o, i, j in _offsets(window):
+        for o, i, j in window_offsets(window):
             torch.mul(g5, v_pad[:, :, y0 + i : y1 + i, j : j + W], out=tmp)
             torch.sum(tmp, dim=-1, out=d_w[..., o])
         d_w = d_w.view(B, h, nb, L)
@@ -296,7 +316,7 @@ def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Ten
             weights += probs[:, :, Np:].view(B, h, nb, L)
             weights += lbias
             w5 = weights.view(B, h, nr, W, L)
-            for o, i, j in _offsets(window):
+            for o, i, j in window_offsets(window):
                 dv_pad[:, :, y0 + i : y1 + i, j : j + W].addcmul_(w5[..., o : o + 1], g5)
         dvp.view(B * h, Np, d).add_(torch.bmm(probs[:, :, :Np].transpose(1, 2), g_blk.reshape(B * h, nb, d), out=part))
         d_logits = torch.ops.aten._softmax_backward_data.out(dp, probs, -1, dt, grad_input=d_out[:, :nb])
@@ -313,7 +333,7 @@ def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Ten
         dkp_hat.view(B * h, Np, d).add_(torch.bmm(d_pool.transpose(1, 2), qs_blk.reshape(B * h, nb, d), out=part))
         dqs5 = dqs_blk.view(B, h, nr, W, d)
         qs5 = qs_blk.view(B, h, nr, W, d)
-        for o, i, j in _offsets(window):
+        for o, i, j in window_offsets(window):
             dz = d_loc[..., o : o + 1]
             dqs5.addcmul_(dz, k_pad[:, :, y0 + i : y1 + i, j : j + W])
             if dk_pad is not None:
@@ -322,101 +342,18 @@ def _blocks_backward(p: _Prepared, g: Tensor, qs: Tensor, bias, local_table: Ten
     return dqs, dq_hat, dkp_hat, dvp, dk_pad, dv_pad, d_table, d_local_bias, d_tokens, d_lbias
 
 
-def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if x is None else x.to(dtype)
+def blocked_aggregated_attention(inputs: AttentionInputs, scaling: QueryScaling, terms: WindowTerms,
+                                 bias: SeparableBias | Tensor, geometry: Geometry, *, native: bool,
+                                 block_elements: int) -> Tensor:
+    """Aggregated Attention a block of query rows at a time (no dropout); ``bias`` is a
+    :class:`~transnext.ops.bias.SeparableBias` or a whole (h, N, Np) tensor. ``native``: the blocks
+    run in the native CPU kernel (which must take the problem); ``block_elements``: logits per block."""
+    if isinstance(bias, Tensor):
+        bias = SeparableBias.from_dense(bias, geometry.size)
+    flat = flat_args(inputs, scaling, terms, bias)
+    return _BlockedAggregatedAttention.apply(*flat, Geometry(tuple(geometry.size), geometry.window), native,
+                                             block_elements)
 
 
-def blocked_aggregated_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
-    length_scale: Tensor, local_bias: Tensor, pool_bias, learnable_tokens: Tensor, learnable_bias: Tensor,
-    padding_mask: Tensor, size: tuple[int, int], window: int,
-) -> Tensor:
-    """Aggregated Attention a block of query rows at a time (no dropout); ``pool_bias`` is a
-    :class:`~transnext.models.position_bias.SeparableBias` or a whole (h, N, Np) tensor."""
-    if isinstance(pool_bias, Tensor):
-        pool_bias = SeparableBias.from_dense(pool_bias, size)
-    return _BlockedAggregatedAttention.apply(
-        q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias,
-        pool_bias.table, pool_bias.y_index, pool_bias.y_weight, learnable_tokens, learnable_bias, padding_mask,
-        tuple(size), window,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The same op as a registered custom op, so ``torch.compile`` keeps these kernels as one opaque
-# call (with shape-only fake implementations) instead of tracing its Python loops.
-
-_DIFFERENTIABLE = (0, 1, 2, 3, 4, 5, 6, 8, 9, 12, 13)  # inputs of the op that get a gradient
-
-
-@torch.library.custom_op("transnext::blocked_aggregated_attention", mutates_args=())
-def _compiled_op(
-    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, mult: Tensor,
-    length_scale: Tensor, local_bias: Tensor, bias_table: Tensor, bias_y_index: Tensor, bias_y_weight: Tensor,
-    learnable_tokens: Tensor, learnable_bias: Tensor, padding_mask: Tensor, height: int, width: int, window: int,
-) -> Tensor:
-    return _forward(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-                    bias_y_weight, learnable_tokens, learnable_bias, padding_mask, (height, width), window)[0]
-
-
-@_compiled_op.register_fake
-def _(q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-      bias_y_weight, learnable_tokens, learnable_bias, padding_mask, height, width, window):
-    return q.new_empty(q.shape)  # contiguous, as the real op returns
-
-
-@torch.library.custom_op("transnext::blocked_aggregated_attention_backward", mutates_args=())
-def _compiled_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor,
-    mult: Tensor, length_scale: Tensor, local_bias: Tensor, bias_table: Tensor, bias_y_index: Tensor,
-    bias_y_weight: Tensor, learnable_tokens: Tensor, learnable_bias: Tensor, padding_mask: Tensor, height: int,
-    width: int, window: int,
-) -> list[Tensor]:
-    inputs = (q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-              bias_y_weight, learnable_tokens, learnable_bias, padding_mask)
-    dt = compute_dtype(q)
-    with autocast_off(q.device.type):
-        p = _prepare(q, k, v, k_pool, v_pool, (height, width), window // 2, dt)
-    needs = tuple(i in _DIFFERENTIABLE for i in range(len(inputs)))
-    grads = _backward(p, grad_out, *inputs[5:], ((height, width), window), needs,
-                      (q.dtype, k.dtype, v.dtype, k_pool.dtype, v_pool.dtype))
-    return [grads[i].contiguous() for i in _DIFFERENTIABLE]
-
-
-@_compiled_backward.register_fake
-def _(grad_out, q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table, bias_y_index,
-      bias_y_weight, learnable_tokens, learnable_bias, padding_mask, height, width, window):
-    inputs = (q, k, v, k_pool, v_pool, query_embedding, mult, length_scale, local_bias, bias_table)
-    inputs += (bias_y_index, bias_y_weight, learnable_tokens, learnable_bias)
-    return [inputs[i].new_empty(inputs[i].shape) for i in _DIFFERENTIABLE]
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:15])
-    ctx.geometry = inputs[15:]
-
-
-def _compiled_autograd(ctx, grad_out):
-    grads = _compiled_backward(grad_out, *ctx.saved_tensors, *ctx.geometry)
-    full: list = [None] * 18
-    for i, g in zip(_DIFFERENTIABLE, grads):
-        full[i] = g if ctx.needs_input_grad[i] else None
-    return tuple(full)
-
-
-_compiled_op.register_autograd(_compiled_autograd, setup_context=_setup_context)
-
-
-def compiled_aggregated_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
-    length_scale: Tensor, local_bias: Tensor, pool_bias, learnable_tokens: Tensor, learnable_bias: Tensor,
-    padding_mask: Tensor, size: tuple[int, int], window: int,
-) -> Tensor:
-    """:func:`blocked_aggregated_attention` through the registered custom op (used under ``torch.compile``)."""
-    if isinstance(pool_bias, Tensor):
-        pool_bias = SeparableBias.from_dense(pool_bias, size)
-    return _compiled_op(
-        q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias,
-        pool_bias.table, pool_bias.y_index, pool_bias.y_weight, learnable_tokens, learnable_bias, padding_mask,
-        int(size[0]), int(size[1]), window,
-    )
+# Names of the differentiable inputs, for the custom-op wrappers.
+DIFFERENTIABLE = AA_DIFFERENTIABLE

@@ -5,7 +5,8 @@ hidden-sized tensors per block (the gate in conv layout, the conv output, the GE
 product and the fc1 output). Here backward needs only ``x``, the gate and the value: the 3x3
 depthwise conv, GELU and product are cheap and are recomputed. The gate and the value come from
 two matmuls on row slices of ``fc1.weight``, so both are dense and the gate is already a
-channels-last (B, hidden, H, W) map for the depthwise conv: no layout copies.
+channels-last (B, hidden, H, W) map for the depthwise conv: no layout copies. Which formulation
+runs is decided by :mod:`transnext.ops.dispatch`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _common, compiled
-from ._common import autocast_dtype, autocast_off, inference_chunks, is_tracing, map_to_tokens, needs_grad, tokens_to_map
-from .dispatch import select_backend
+from ._common import autocast_dtype, autocast_off, batch_chunks, current_policy, inference_chunks, map_to_tokens, tokens_to_map
+
+__all__ = ["plain", "recompute", "traceable", "inference"]
 
 
 def _dwconv(gate: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int]) -> Tensor:
@@ -31,9 +32,8 @@ def _cast(dtype: torch.dtype | None, *ts: Tensor | None) -> list[Tensor | None]:
 
 
 def _batch_chunks(B: int, N: int) -> list[tuple[int, int]]:
-    """Groups of images with at least MIN_CHUNK_TOKENS tokens (and two images, see _common)."""
-    per = max(2, -(-_common.MIN_CHUNK_TOKENS // max(1, N)))
-    return [(b, min(B, b + per)) for b in range(0, B, per)]
+    """Groups of images with at least ``KernelPolicy.min_chunk_tokens`` tokens (and two images, see _common)."""
+    return batch_chunks(B, N, current_policy().min_chunk_tokens)
 
 
 class _ConvGLU(torch.autograd.Function):
@@ -131,37 +131,24 @@ def _traceable(x, w1, b1, wd, bd, w2, b2, size):
     return F.linear(F.gelu(map_to_tokens(_dwconv(gate, wd, bd, size))) * value, w2, b2)
 
 
-def conv_glu(
-    x: Tensor,
-    fc1_weight: Tensor,
-    fc1_bias: Tensor | None,
-    dw_weight: Tensor,
-    dw_bias: Tensor | None,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor | None,
-    size: tuple[int, int],
-    drop: float = 0.0,
-    training: bool = False,
-    backend: str | None = None,
-) -> Tensor:
-    """``fc2(GELU(dwconv3x3(gate)) * value)``, ``[gate | value] = fc1(x)``; x: (B, N, C) over ``size``.
+def plain(x, w1, b1, wd, bd, w2, b2, size, drop: float = 0.0, training: bool = False) -> Tensor:
+    """The plain module formulation (the reference backend, and dropout on the hidden activations)."""
+    return _plain(x, w1, b1, wd, bd, w2, b2, size, drop, training)
 
-    The ``reference`` backend runs the plain module formulation (the baseline of benchmarks).
-    """
-    args = (x, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, tuple(size))
-    plain = select_backend("conv_glu", backend, x.device.type) == "reference"
-    if plain or (drop > 0.0 and training):
-        return _plain(*args, drop, training)
-    mode = compiled.capture_mode(*args[:7])
-    if mode == "inference":
-        return compiled.conv_glu(*args)
-    if mode == "training" and fc1_bias is not None and fc2_bias is not None:
-        return compiled.conv_glu_train(*args)
-    if is_tracing():
-        return _traceable(*args)
-    if needs_grad(*args[:7]):
-        return _ConvGLU.apply(*args)
-    return _inference(*args)
+
+def traceable(x, w1, b1, wd, bd, w2, b2, size) -> Tensor:
+    """Standard ops for graph capture (see :func:`_traceable`)."""
+    return _traceable(x, w1, b1, wd, bd, w2, b2, size)
+
+
+def recompute(x, w1, b1, wd, bd, w2, b2, size) -> Tensor:
+    """With autograd: keeps x, the gate and the value; recomputes the middle in backward."""
+    return _ConvGLU.apply(x, w1, b1, wd, bd, w2, b2, size)
+
+
+def inference(x, w1, b1, wd, bd, w2, b2, size) -> Tensor:
+    """Without autograd: in chunks of images or row bands (see :func:`_inference`)."""
+    return _inference(x, w1, b1, wd, bd, w2, b2, size)
 
 
 def _inference(x, w1, b1, wd, bd, w2, b2, size):

@@ -4,7 +4,8 @@ Plain autograd keeps two full-resolution tensors per block for this branch (the 
 for GELU and the GELU output for the pooling, which saves its input only for its shape). The op
 below keeps nothing beyond ``x`` (which the q/kv projections keep anyway) and recomputes the 1x1
 conv in backward: one C x C matmul per token, a small price for two activations per block.
-The 1x1 conv runs as a matmul on the (B, N, C) tokens, which are a channels-last map.
+The 1x1 conv runs as a matmul on the (B, N, C) tokens, which are a channels-last map. Which
+formulation runs is decided by :mod:`transnext.ops.dispatch`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import compiled
-from ._common import autocast_dtype, autocast_off, is_tracing, map_to_tokens, needs_grad, tokens_to_map
-from .dispatch import select_backend
+from ._common import autocast_dtype, autocast_off, map_to_tokens, tokens_to_map
+
+__all__ = ["inference", "plain", "recompute"]
 
 
 class _SrGeluPool(torch.autograd.Function):
@@ -53,30 +54,19 @@ class _SrGeluPool(torch.autograd.Function):
         return d_x, d_w, d_b, None, None
 
 
-def sr_gelu_pool(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    size: tuple[int, int],
-    pool: tuple[int, int],
-    backend: str | None = None,
-) -> Tensor:
-    """``adaptive_avg_pool2d(GELU(conv1x1(x_map)), pool)`` as (B, Hp*Wp, C) tokens; x: (B, N, C) over ``size``.
+def plain(x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int], pool: tuple[int, int]) -> Tensor:
+    """The reference formulation: a 1x1 convolution on the map, GELU, adaptive pooling."""
+    y = F.gelu(F.conv2d(tokens_to_map(x, size), weight, bias))
+    return map_to_tokens(F.adaptive_avg_pool2d(y, pool))
 
-    The ``reference`` backend runs the plain module formulation.
-    """
 
-    size, pool = tuple(size), tuple(pool)
-    plain = select_backend("sr_gelu_pool", backend, x.device.type) == "reference"
-    if not plain and compiled.capture_mode(x, weight, bias) == "inference":
-        return compiled.sr_gelu_pool(x, weight, bias, size, pool)
-    if plain:
-        y = F.gelu(F.conv2d(tokens_to_map(x, size), weight, bias))
-        return map_to_tokens(F.adaptive_avg_pool2d(y, pool))
-    if is_tracing():  # graph capture: the 1x1 conv as a product on the tokens, as the eager kernels run it
-        return _inference(x, weight, bias, size, pool)
-    if needs_grad(x, weight, bias):
-        return _SrGeluPool.apply(x, weight, bias, size, pool)
+def recompute(x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int], pool: tuple[int, int]) -> Tensor:
+    """With autograd: keeps nothing beyond x; the 1x1 conv is recomputed in backward."""
+    return _SrGeluPool.apply(x, weight, bias, size, pool)
+
+
+def inference(x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int], pool: tuple[int, int]) -> Tensor:
+    """Without autograd, and for graph capture: the 1x1 conv as a product on the tokens."""
     return _inference(x, weight, bias, size, pool)
 
 

@@ -11,30 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import AttentionInputs, Geometry, QueryScaling, WindowTerms
+
 
 def _scaled_query(q_norm: Tensor, query_embedding: Tensor, temperature: Tensor, length_scale: float | Tensor) -> Tensor:
     return (q_norm + query_embedding) * F.softplus(temperature) * length_scale
 
 
-def aggregated_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_pool: Tensor,
-    v_pool: Tensor,
-    query_embedding: Tensor,
-    temperature: Tensor,
-    length_scale: Tensor,
-    local_bias: Tensor,
-    pool_bias: Tensor,
-    learnable_tokens: Tensor,
-    learnable_bias: Tensor,
-    padding_mask: Tensor,
-    size: tuple[int, int],
-    window: int,
-    attn_drop: float = 0.0,
-    training: bool = False,
-) -> Tensor:
+def aggregated_attention(inputs: AttentionInputs, scaling: QueryScaling, terms: WindowTerms, bias: Tensor,
+                         geometry: Geometry, attn_drop: float = 0.0, training: bool = False) -> Tensor:
+    """The paper's formulation on whole tensors; ``bias`` is the whole (h, N, Np) pooled-key bias."""
+    q, k, v, k_pool, v_pool = inputs
+    query_embedding, temperature, length_scale = scaling
+    local_bias, learnable_tokens, learnable_bias, padding_mask = terms
+    pool_bias = bias
+    size, window = geometry
     B, h, N, d = q.shape
     H, W = size
     L = window * window

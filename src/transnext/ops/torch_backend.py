@@ -8,8 +8,9 @@ contiguous slab and the pooled part is written by one batched matmul), followed 
 
 A custom autograd Function saves only the normalised queries and keys (with their norms), the
 padded values and the attention probabilities; queries' scaling and the learnable-token weights
-are recomputed in backward. Under tracing, export or ``torch.compile`` a functional formulation
-of the same algorithm is used instead, so graphs see only standard ops.
+are recomputed in backward. For graph export :func:`functional_aggregated_attention` is the same
+algorithm in standard ops. Which of these (or the blocked kernels) runs is decided by
+:mod:`transnext.ops.dispatch`; this module only runs what it is given.
 """
 
 from __future__ import annotations
@@ -20,24 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import compiled
 from ._common import (
-    autocast_dtype,
+    AttentionInputs,
+    Geometry,
+    QueryScaling,
+    WindowTerms,
+    attention_input_grads,
     autocast_off,
+    cast,
     compute_dtype,
-    is_exporting,
-    is_tracing,
-    needs_grad,
-    normalize_backward,
+    local_table,
     normalize_into,
-    scaled_query_backward,
-    window_input_grads,
+    window_offsets,
 )
-from .blocked import blocked_aggregated_attention, compiled_aggregated_attention
 
+__all__ = ["full_attention", "functional_aggregated_attention", "whole_aggregated_attention"]
 
-def _offsets(window: int) -> list[tuple[int, int, int]]:
-    return [(o, o // window, o % window) for o in range(window * window)]
+# The tensors of the whole-tensor autograd Function, in order (the bias whole, the temperature's softplus).
+_WHOLE_FIELDS = ("q", "k", "v", "k_pool", "v_pool", "query_embedding", "mult", "length_scale", "local_bias",
+                 "pool_bias", "learnable_tokens", "learnable_bias", "padding_mask")
 
 
 def _padded(x: Tensor, size: tuple[int, int], r: int, dtype: torch.dtype) -> Tensor:
@@ -51,13 +53,6 @@ def _padded(x: Tensor, size: tuple[int, int], r: int, dtype: torch.dtype) -> Ten
         buf[:, :, r : H + r, :r].zero_()
         buf[:, :, r : H + r, W + r :].zero_()
     return buf
-
-
-def _local_table(local_bias: Tensor, padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(h, L, N): local position bias, -inf on window slots outside the image."""
-    neg = torch.zeros(padding_mask.t().shape, dtype=dtype, device=local_bias.device)
-    neg.masked_fill_(padding_mask.t().to(local_bias.device), float("-inf"))
-    return local_bias.to(dtype).unsqueeze(-1) + neg
 
 
 _LAST_TABLE: list = [None, None, None]  # (weakref to the source, key, keys-major copy)
@@ -126,14 +121,14 @@ class _AggregatedAttention(torch.autograd.Function):
             logits = torch.empty((B, h, L + Np, N), dtype=dt, device=q.device)
             qs5 = qs.view(B, h, H, W, d)
             tmp = torch.empty_like(qs5)
-            for o, i, j in _offsets(window):
+            for o, i, j in window_offsets(window):
                 torch.mul(qs5, k_pad[:, :, i : i + H, j : j + W], out=tmp)
                 torch.sum(tmp, dim=-1, out=logits[:, :, o].view(B, h, H, W))
             del tmp
             # (A matmul straight into the slab takes a slow per-batch path: add the bias on the copy.)
             pool_table = _keys_major(pool_bias, dt)
             torch.add(torch.matmul(kp_hat, qs.transpose(-1, -2)), pool_table, out=logits[:, :, L:])
-            logits[:, :, :L] += _local_table(local_bias, padding_mask, dt)
+            logits[:, :, :L] += local_table(local_bias, padding_mask, dt, keys_major=True)
             probs = torch.softmax(logits, dim=-2)
             del logits
 
@@ -146,7 +141,7 @@ class _AggregatedAttention(torch.autograd.Function):
             weights = _local_weights(q_hat, probs_d, learnable_tokens, learnable_bias, L)
             out = torch.matmul(probs_d[:, :, L:].transpose(-1, -2), vp)
             out5 = out.view(B, h, H, W, d)
-            for o, i, j in _offsets(window):
+            for o, i, j in window_offsets(window):
                 out5.addcmul_(weights[:, :, o].view(B, h, H, W, 1), v_pad[:, :, i : i + H, j : j + W])
 
         ctx.save_for_backward(
@@ -163,9 +158,9 @@ class _AggregatedAttention(torch.autograd.Function):
          query_embedding, mult, length_scale, learnable_tokens, learnable_bias) = ctx.saved_tensors
         (H, W), window, p_drop = ctx.geometry
         B, h, N, d = q_hat.shape
-        r, L = window // 2, window * window
+        L = window * window
         dt = q_hat.dtype
-        needs = ctx.needs_input_grad
+        needs = dict(zip(_WHOLE_FIELDS, ctx.needs_input_grad))
         with autocast_off(q_hat.device.type):
             g = grad_out.to(dt).contiguous()
             g5 = g.view(B, h, H, W, d)
@@ -179,32 +174,32 @@ class _AggregatedAttention(torch.autograd.Function):
             # d(loss)/d(weights) for local slots and pooled probabilities, keys-major like probs.
             d_probs = torch.empty_like(probs)
             tmp = torch.empty_like(g5)
-            for o, i, j in _offsets(window):
+            for o, i, j in window_offsets(window):
                 torch.mul(g5, v_pad[:, :, i : i + H, j : j + W], out=tmp)
                 torch.sum(tmp, dim=-1, out=d_probs[:, :, o].view(B, h, H, W))
             del tmp
             d_probs[:, :, L:] = torch.matmul(vp, g.transpose(-1, -2))
             d_w = d_probs[:, :, :L]
             tokens = learnable_tokens.to(dt)
-            d_tokens = torch.matmul(q_hat.transpose(-1, -2), d_w.transpose(-1, -2)).sum(0) if needs[10] else None
-            d_lbias = d_w.sum((0, 3)).unsqueeze(1) if needs[11] else None
+            d_tokens = torch.matmul(q_hat.transpose(-1, -2), d_w.transpose(-1, -2)).sum(0) if needs["learnable_tokens"] else None
+            d_lbias = d_w.sum((0, 3)).unsqueeze(1) if needs["learnable_bias"] else None
             dq_hat = torch.matmul(d_w.transpose(-1, -2), tokens.transpose(-1, -2))
             if drop_mask is not None:
                 d_probs.mul_(drop_mask).mul_(1.0 / (1.0 - p_drop))
             d_logits = torch._softmax_backward_data(d_probs, probs, -2, dt)
             del d_probs, d_w
-            d_local_bias = d_logits[:, :, :L].sum((0, 3)) if needs[8] else None
-            d_pool_bias = d_logits[:, :, L:].sum(0).transpose(-1, -2) if needs[9] else None
+            d_local_bias = d_logits[:, :, :L].sum((0, 3)) if needs["local_bias"] else None
+            d_pool_bias = d_logits[:, :, L:].sum(0).transpose(-1, -2) if needs["pool_bias"] else None
             d_pool = d_logits[:, :, L:]
             dqs = torch.matmul(d_pool.transpose(-1, -2), kp_hat)
-            dkp_hat = torch.matmul(d_pool, qs) if needs[3] else None
-            dvp = torch.matmul(probs_d[:, :, L:], g) if needs[4] else None
+            dkp_hat = torch.matmul(d_pool, qs) if needs["k_pool"] else None
+            dvp = torch.matmul(probs_d[:, :, L:], g) if needs["v_pool"] else None
             del probs_d
 
             dqs5 = dqs.view(B, h, H, W, d)
-            dk_pad = torch.zeros_like(k_pad) if needs[1] else None
-            dv_pad = torch.zeros_like(v_pad) if needs[2] else None
-            for o, i, j in _offsets(window):
+            dk_pad = torch.zeros_like(k_pad) if needs["k"] else None
+            dv_pad = torch.zeros_like(v_pad) if needs["v"] else None
+            for o, i, j in window_offsets(window):
                 dz = d_logits[:, :, o].view(B, h, H, W, 1)
                 dqs5.addcmul_(dz, k_pad[:, :, i : i + H, j : j + W])
                 if dk_pad is not None:
@@ -213,26 +208,20 @@ class _AggregatedAttention(torch.autograd.Function):
                     dv_pad[:, :, i : i + H, j : j + W].addcmul_(weights[:, :, o].view(B, h, H, W, 1), g5)
             del d_logits, weights
 
-            # Query scaling: qs = (q_hat + qe) * softplus(temperature) * length_scale.
             del qs
-            d_mult, d_qe = scaled_query_backward(dqs, dq_hat, q_hat, qe, factor, length_scale, needs[6], needs[5])
-            del dqs
-            dq = normalize_backward(dq_hat, q_hat, q_norm) if needs[0] else None
-            dk, dv = window_input_grads(dk_pad, dv_pad, k_pad, k_norm, (H, W), r)
-            dkp = normalize_backward(dkp_hat, kp_hat, kp_norm) if dkp_hat is not None else None
+            # Query scaling (qs = (q_hat + qe) * softplus(temperature) * length_scale), normalisation, padding.
+            d = attention_input_grads(dqs, dq_hat, q_hat, q_norm, qe, factor, length_scale, dk_pad, dv_pad, k_pad, k_norm,
+                                      dkp_hat, kp_hat, kp_norm, (H, W), window, needs["q"], needs["mult"],
+                                      needs["query_embedding"])
 
         q_dt, k_dt, v_dt, kp_dt, vp_dt, lb_dt, pb_dt = ctx.dtypes
         return (
-            _cast(dq, q_dt), _cast(dk, k_dt), _cast(dv, v_dt), _cast(dkp, kp_dt), _cast(dvp, vp_dt),
-            _cast(d_qe, query_embedding.dtype), _cast(d_mult, mult.dtype), None,
-            _cast(d_local_bias, lb_dt), _cast(d_pool_bias, pb_dt),
-            _cast(d_tokens, learnable_tokens.dtype), _cast(d_lbias, learnable_bias.dtype),
+            cast(d["q"], q_dt), cast(d["k"], k_dt), cast(d["v"], v_dt), cast(d["k_pool"], kp_dt), cast(dvp, vp_dt),
+            cast(d["qe"], query_embedding.dtype), cast(d["mult"], mult.dtype), None,
+            cast(d_local_bias, lb_dt), cast(d_pool_bias, pb_dt),
+            cast(d_tokens, learnable_tokens.dtype), cast(d_lbias, learnable_bias.dtype),
             None, None, None, None,
         )
-
-
-def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if x is None else x.to(dtype)
 
 
 def _local_weights(q_hat: Tensor, probs: Tensor, tokens: Tensor, lbias: Tensor, L: int) -> Tensor:
@@ -244,103 +233,42 @@ def _local_weights(q_hat: Tensor, probs: Tensor, tokens: Tensor, lbias: Tensor, 
     return weights
 
 
-def _functional(
-    q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
-    length_scale: Tensor, local_bias: Tensor, pool_bias: Tensor, learnable_tokens: Tensor, learnable_bias: Tensor,
-    padding_mask: Tensor, size: tuple[int, int], window: int, attn_drop: float, training: bool,
-) -> Tensor:
-    """Same algorithm in out-of-place standard ops (for tracing, export and compilation)."""
+def functional_aggregated_attention(inputs: AttentionInputs, scaling: QueryScaling, terms: WindowTerms, bias: Tensor,
+                                    geometry: Geometry, attn_drop: float = 0.0, training: bool = False) -> Tensor:
+    """The whole-tensor algorithm in out-of-place standard ops (for graph export); ``bias`` whole (h, N, Np)."""
+    q, k, v, k_pool, v_pool = inputs
+    (H, W), window = geometry
     B, h, N, d = q.shape
-    H, W = size
     r, L, Np = window // 2, window * window, k_pool.shape[2]
     q_hat = F.normalize(q, dim=-1)
-    qs = ((q_hat + query_embedding) * F.softplus(temperature) * length_scale).reshape(B, h, H, W, d)
+    qs = ((q_hat + scaling.query_embedding) * F.softplus(scaling.temperature) * scaling.length_scale).reshape(B, h, H, W, d)
     k_pad = F.pad(F.normalize(k, dim=-1).reshape(B, h, H, W, d), (0, 0, r, r, r, r))
     v_pad = F.pad(v.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
-    offsets = _offsets(window)
+    offsets = window_offsets(window)
     local = torch.stack([(qs * k_pad[:, :, i : i + H, j : j + W]).sum(-1) for _, i, j in offsets], dim=-1)
-    local = (local.reshape(B, h, N, L) + local_bias.unsqueeze(1)).masked_fill(padding_mask, float("-inf"))
-    pooled = qs.reshape(B, h, N, d) @ F.normalize(k_pool, dim=-1).transpose(-1, -2) + pool_bias
+    local = (local.reshape(B, h, N, L) + terms.local_bias.unsqueeze(1)).masked_fill(terms.padding_mask, float("-inf"))
+    pooled = qs.reshape(B, h, N, d) @ F.normalize(k_pool, dim=-1).transpose(-1, -2) + bias
     attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1)
     attn = F.dropout(attn, attn_drop, training)
     a_local, a_pool = torch.split(attn, [L, Np], dim=-1)
-    weights = (a_local + q_hat @ learnable_tokens + learnable_bias).reshape(B, h, H, W, L)
+    weights = (a_local + q_hat @ terms.learnable_tokens + terms.learnable_bias).reshape(B, h, H, W, L)
     out = (a_pool @ v_pool).reshape(B, h, H, W, d)
     for o, i, j in offsets:
         out = out + weights[..., o : o + 1] * v_pad[:, :, i : i + H, j : j + W]
     return out.reshape(B, h, N, d)
 
 
-# Whole (B, h, Np + w*w, N) logits are kept up to this size (small grids and batches: one pass
-# over everything); past it, or when the bias comes as factors, queries go in blocks of rows.
-WHOLE_LOGITS_BYTES = 32 << 20
-# With gradients the whole-tensor path also keeps the probabilities for backward, while the blocked
-# one recomputes them: on a 2-core CPU the blocked path was as fast in training (224 px batch 8:
-# within run-to-run noise) and lighter (peak -8% there, -14% at 512 px batch 2), so training goes
-# in blocks past a much smaller size.
-WHOLE_LOGITS_BYTES_TRAINING = 4 << 20
-
-
-def aggregated_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_pool: Tensor,
-    v_pool: Tensor,
-    query_embedding: Tensor,
-    temperature: Tensor,
-    length_scale: Tensor,
-    local_bias: Tensor,
-    pool_bias: Tensor,
-    learnable_tokens: Tensor,
-    learnable_bias: Tensor,
-    padding_mask: Tensor,
-    size: tuple[int, int],
-    window: int,
-    attn_drop: float = 0.0,
-    training: bool = False,
-) -> Tensor:
-    p_drop = attn_drop if training else 0.0
-    inputs = (q, k, v, k_pool, v_pool, query_embedding, temperature, local_bias, learnable_tokens, learnable_bias,
-              pool_bias if isinstance(pool_bias, Tensor) else pool_bias.table)
-    if p_drop == 0.0 and compiled.capture_mode(*inputs) == "inference":
-        # torch.compile at inference: the eager kernels (whole logits or blocks) as one custom op.
-        return compiled.aggregated_attention(
-            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
-            learnable_tokens, learnable_bias, padding_mask, size, window,
-        )
-    if p_drop == 0.0 and torch.compiler.is_compiling() and not is_exporting():
-        # Training under the compiler: the blocked kernels and their backward as one custom op.
-        return compiled_aggregated_attention(
-            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
-            learnable_tokens, learnable_bias, padding_mask, size, window,
-        )
-    if not isinstance(pool_bias, Tensor) and (p_drop > 0.0 or is_tracing()):
-        pool_bias = pool_bias.materialize()
-    if is_tracing():
-        return _functional(
-            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
-            learnable_tokens, learnable_bias, padding_mask, size, window, attn_drop, training,
-        )
-    B, h, N, _ = q.shape
-    logits_bytes = B * h * N * (k_pool.shape[2] + window * window) * compute_dtype(q).itemsize
-    limit = WHOLE_LOGITS_BYTES_TRAINING if needs_grad(*inputs) else WHOLE_LOGITS_BYTES
-    # Past the budget the blocked op runs, with the native CPU kernel where it is available (below
-    # it, at classification sizes, the whole-tensor path was as fast or faster in A/B runs).
-    if p_drop == 0.0 and (not isinstance(pool_bias, Tensor) or logits_bytes > limit):
-        return blocked_aggregated_attention(
-            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
-            learnable_tokens, learnable_bias, padding_mask, size, window,
-        )
+def whole_aggregated_attention(inputs: AttentionInputs, scaling: QueryScaling, terms: WindowTerms, bias: Tensor,
+                               geometry: Geometry, attn_drop: float = 0.0, training: bool = False) -> Tensor:
+    """Whole (B, h, w*w + Np, N) logits in one pass, with dropout on the probabilities where asked;
+    ``bias`` whole (h, N, Np)."""
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"the whole-tensor kernel takes the pooled-key bias as one (h, N, Np) tensor, not {type(bias).__name__}")
     return _AggregatedAttention.apply(
-        q, k, v, k_pool, v_pool, query_embedding, F.softplus(temperature), length_scale, local_bias, pool_bias,
-        learnable_tokens, learnable_bias, padding_mask, tuple(size), window, attn_drop if training else 0.0,
+        *inputs, scaling.query_embedding, F.softplus(scaling.temperature), scaling.length_scale, terms.local_bias, bias,
+        terms.learnable_tokens, terms.learnable_bias, terms.padding_mask, tuple(geometry.size), geometry.window,
+        attn_drop if training else 0.0,
     )
-
-
-# Full attention is run in blocks of query rows once its (B, h, N, N) logits would pass this
-# size: at 2048 px the last stage has N = 4096 tokens, i.e. 1.6 GB per (h, N, N) tensor.
-FULL_ATTENTION_BLOCK_BYTES = 64 << 20
 
 
 def full_attention(
@@ -353,30 +281,36 @@ def full_attention(
     bias,
     attn_drop: float = 0.0,
     training: bool = False,
+    *,
+    kernel: str = "sdpa",
+    block_bytes: int,
 ) -> Tensor:
     """Scaled queries through ``scaled_dot_product_attention`` with the bias as additive mask.
 
-    ``bias`` is an (h, N, N) tensor or a :class:`~transnext.models.position_bias.BlockwiseBias`
-    (large grids), whose rows are produced per block of queries.
+    ``kernel`` (chosen by :mod:`transnext.ops.dispatch`): ``"sdpa"`` whole logits, ``"sdpa_blocked"``
+    in blocks of query rows of about ``block_bytes`` logits, ``"inference"`` no autograd, blocks with
+    the bias written into the logits buffer (CPU). ``bias`` is an (h, N, N) tensor or, for the blocked
+    kernels, a :class:`~transnext.models.position_bias.BlockwiseBias` (large grids) whose rows are
+    produced per block of queries.
     """
     q_scaled = (F.normalize(q, dim=-1) + query_embedding) * F.softplus(temperature) * length_scale
     k_hat = F.normalize(k, dim=-1)
     p = attn_drop if training else 0.0
     B, h, N, _ = q_scaled.shape
     lazy = not isinstance(bias, Tensor)
-    rows = max(1, FULL_ATTENTION_BLOCK_BYTES // (q_scaled.element_size() * B * h * k_hat.shape[-2]))
+    rows = max(1, block_bytes // (q_scaled.element_size() * B * h * k_hat.shape[-2]))
     if lazy and rows > bias.size[1]:
         rows -= rows % bias.size[1]  # whole grid rows: the bias of a block is one row selection
-    tracing = is_tracing()
-    if not tracing:
-        bias_grad = bias.table.requires_grad if lazy else bias.requires_grad
-        needs_grad = torch.is_grad_enabled() and (q_scaled.requires_grad or k_hat.requires_grad or v.requires_grad or bias_grad)
-        # CPU only: on CUDA, SDPA's fused kernels never materialise the logits and are faster.
-        if not needs_grad and q_scaled.device.type == "cpu" and autocast_dtype(q_scaled) is None:
-            return _full_attention_inference(q_scaled, k_hat, v, bias, rows, p)
-    if tracing or rows >= N:
-        bias = bias.materialize() if lazy else bias
+    if kernel == "inference":
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, query_embedding, temperature)):
+            raise RuntimeError("the in-place full-attention kernel runs without autograd only")
+        return _full_attention_inference(q_scaled, k_hat, v, bias, rows, p)
+    if kernel == "sdpa":
+        if lazy:
+            raise TypeError("the whole full-attention kernel takes the bias as one (h, N, N) tensor")
         return F.scaled_dot_product_attention(q_scaled, k_hat, v, attn_mask=bias.to(q_scaled.dtype), dropout_p=p, scale=1.0)
+    if kernel != "sdpa_blocked":
+        raise ValueError(f"unknown full-attention kernel {kernel!r}; expected sdpa, sdpa_blocked or inference")
     out = q_scaled.new_empty((B, h, N, v.shape[-1]))
     for i in range(0, N, rows):
         block = bias.rows(i, i + rows) if lazy else bias[..., i : i + rows, :]

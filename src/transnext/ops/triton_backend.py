@@ -30,9 +30,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, autocast_off, is_tracing
+from ._common import EPS, AttentionInputs, Geometry, QueryScaling, WindowTerms, autocast_off
 
 __all__ = ["aggregated_attention", "is_available"]
+
+# The tensors of the autograd Function, in order (pooled keys normalised, the temperature's softplus).
+_FIELDS = ("q", "k", "v", "kp_hat", "v_pool", "query_embedding", "mult", "length_scale", "local_bias", "pool_bias",
+           "learnable_tokens", "learnable_bias")
 
 
 def is_available() -> bool:
@@ -404,7 +408,7 @@ class _TritonAggregatedAttention(torch.autograd.Function):
         window = ctx.window
         L = window * window
         Np = kp_hat.shape[2]
-        needs = ctx.needs_input_grad
+        needs = dict(zip(_FIELDS, ctx.needs_input_grad))
         cfg = _config(q, d, window)
         bn = _block_n(q)
         bp = 16 if not q.is_cuda else 32
@@ -418,7 +422,7 @@ class _TritonAggregatedAttention(torch.autograd.Function):
         d_sum = torch.empty((B, h, N), dtype=acc_dt, device=dev)
         dqe_part = torch.zeros((B * h, n_blocks, cfg["BLOCK_D"]), dtype=acc_dt, device=dev)
         dmult_part = torch.zeros((B * h, n_blocks), dtype=acc_dt, device=dev)
-        need_pb = bool(needs[9])
+        need_pb = bool(needs["pool_bias"])
         dpb = torch.zeros((h, N, Np), dtype=acc_dt, device=dev) if need_pb else d_sum
         _aa_bwd_query[(n_blocks, B * h)](
             q, k, v, kp_hat, vp, qe, mult, scale, lb, pool_bias, tokens, lbias, dout, lse,
@@ -427,7 +431,7 @@ class _TritonAggregatedAttention(torch.autograd.Function):
             *_strides(dout), h, H, W, N, Np, d, EPS, BLOCK_N=bn, BLOCK_P=bp, NEED_PB=need_pb, **cfg,
         )
         dk = dv = None
-        if needs[1] or needs[2]:
+        if needs["k"] or needs["v"]:
             dk = torch.empty((B, h, N, d), dtype=k.dtype, device=dev)
             dv = torch.empty((B, h, N, d), dtype=v.dtype, device=dev)
             _aa_bwd_key[(n_blocks, B * h)](
@@ -436,7 +440,7 @@ class _TritonAggregatedAttention(torch.autograd.Function):
                 WS=window, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"],
             )
         dkp = dvp = None
-        if needs[3] or needs[4]:
+        if needs["kp_hat"] or needs["v_pool"]:
             dkp = torch.empty((B, h, Np, d), dtype=kp_hat.dtype, device=dev)
             dvp = torch.empty((B, h, Np, d), dtype=vp.dtype, device=dev)
             _aa_bwd_pool[(triton.cdiv(Np, bp), B * h)](
@@ -454,55 +458,35 @@ class _TritonAggregatedAttention(torch.autograd.Function):
 def _finish(ctx, q, qe, mult, lb, pool_bias, tokens, lbias, dq, dk, dv, dkp, dvp, d_w, d_z, dpb, dqe_part, dmult_part,
             need_pb, acc_dt):
     """Small reductions in PyTorch: query embedding, temperature, biases, learnable tokens."""
-    needs = ctx.needs_input_grad
+    needs = dict(zip(_FIELDS, ctx.needs_input_grad))
     B, h, N, d = q.shape
     n_blocks = dmult_part.shape[1]
     qe_shape, mult_shape, lb_shape, lbias_shape = ctx.shapes
     d_qe = dqe_part.view(B, h, n_blocks, -1).sum((0, 2))[:, :d].reshape(qe_shape).to(qe.dtype)
     d_mult = dmult_part.view(B, h, n_blocks).sum((0, 2)).reshape(mult_shape).to(mult.dtype)
-    d_lb = d_z.sum((0, 2)).reshape(lb_shape).to(lb.dtype) if needs[8] else None
+    d_lb = d_z.sum((0, 2)).reshape(lb_shape).to(lb.dtype) if needs["local_bias"] else None
     d_pb = dpb.to(pool_bias.dtype) if need_pb else None
     d_tok = d_lbias = None
-    if needs[10]:
+    if needs["learnable_tokens"]:
         q_hat = F.normalize(q.to(acc_dt), dim=-1)
         d_tok = torch.einsum("bhnd,bhnl->hdl", q_hat, d_w).to(tokens.dtype)
-    if needs[11]:
+    if needs["learnable_bias"]:
         d_lbias = d_w.sum((0, 2)).reshape(lbias_shape).to(lbias.dtype)
     return (dq, dk, dv, dkp, dvp, d_qe, d_mult, None, d_lb, d_pb, d_tok, d_lbias, None, None)
 
 
-def aggregated_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_pool: Tensor,
-    v_pool: Tensor,
-    query_embedding: Tensor,
-    temperature: Tensor,
-    length_scale: Tensor,
-    local_bias: Tensor,
-    pool_bias: Tensor,
-    learnable_tokens: Tensor,
-    learnable_bias: Tensor,
-    padding_mask: Tensor,
-    size: tuple[int, int],
-    window: int,
-    attn_drop: float = 0.0,
-    training: bool = False,
-) -> Tensor:
-    if (attn_drop > 0.0 and training) or is_tracing():
-        # Dropout on the probabilities needs them materialised: the torch backend does that.
-        from . import torch_backend
-
-        return torch_backend.aggregated_attention(
-            q, k, v, k_pool, v_pool, query_embedding, temperature, length_scale, local_bias, pool_bias,
-            learnable_tokens, learnable_bias, padding_mask, size, window, attn_drop, training,
-        )
+def aggregated_attention(inputs: AttentionInputs, scaling: QueryScaling, terms: WindowTerms, bias: Tensor,
+                         geometry: Geometry) -> Tensor:
+    """The fused kernels (no dropout, no graph capture: :mod:`transnext.ops.dispatch` routes those
+    elsewhere); ``bias`` whole (h, N, Np)."""
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"the Triton kernels take the pooled-key bias as one (h, N, Np) tensor, not {type(bias).__name__}")
+    q, k, v, k_pool, v_pool = inputs
     low = q.dtype in (torch.float16, torch.bfloat16)
     dt = q.dtype
     kp_hat = F.normalize(k_pool.to(torch.float32) if low else k_pool, dim=-1).to(dt)
-    mult = F.softplus(temperature)
+    mult = F.softplus(scaling.temperature)
     return _TritonAggregatedAttention.apply(
-        q, k, v, kp_hat, v_pool.to(dt), query_embedding, mult, length_scale.to(mult.dtype), local_bias,
-        pool_bias, learnable_tokens, learnable_bias, tuple(size), window,
+        q, k, v, kp_hat, v_pool.to(dt), scaling.query_embedding, mult, scaling.length_scale.to(mult.dtype),
+        terms.local_bias, bias, terms.learnable_tokens, terms.learnable_bias, tuple(geometry.size), geometry.window,
     )
