@@ -318,7 +318,7 @@ def test_markdown_generator(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["`mask2former_160k_tiny` / `_small` / `_base`"].endswith("| ADE20K val mIoU: T 53.4, S 54.1, B 54.7 |")
     assert rows["`segment_demo`"].endswith("| - |") and len(rows) == 9
     assert "| segment | Mask2Former | 8 epochs" in rows["`segment_demo_mask2former`"]
-    assert "| detect | DINO 4-scale | 8 epochs" in rows["`detect_demo_dino`"]
+    assert "| detect | DINO 4-scale | 6 epochs" in rows["`detect_demo_dino`"]
     classify = recipes.markdown_tables(["classify"]).splitlines()
     assert len(classify) == 2 + len(list_recipes("classify"))
     assert classify[3].startswith("| `tiny` | classify | classifier | 300 epochs, AdamW lr 1e-3, wd 0.05, cosine, warm-up 5 epochs")

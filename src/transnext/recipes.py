@@ -323,7 +323,7 @@ _REGISTRY: tuple[Recipe, ...] = (
     _dense("detect_demo_dino", "detect", dict(
         # DINO shrunk for 128 px scenes with a few objects each: 64-wide transformer, 2 + 3 layers, 60 queries
         _DEMO_COMMON, detector="dino", dense_preset="dino_4scale", num_feature_levels=4, min_size=(128,), max_size=128,
-        num_queries=60, dn_queries=30, detections_per_img=50, batch_size=4, epochs=8, lr=5e-4, backbone_lr_mult=0.3, hflip=0.5,
+        num_queries=60, dn_queries=30, detections_per_img=50, batch_size=4, epochs=6, lr=5e-4, backbone_lr_mult=0.3, hflip=0.5,
         clip_grad=0.1, output="runs/detect_demo_dino",
         detector_kwargs=dict(embed_dims=64, num_heads=4, num_points=4, ffn_dims=256, num_encoder_layers=2, num_decoder_layers=3),
     ), notes=_DEMO_NOTES),
