@@ -261,3 +261,19 @@ def test_segment_demo_offers_mask2former(capsys) -> None:
     assert "--model {upernet,mask2former}" in text and "segment_demo_mask2former" in text
     with pytest.raises(ValueError, match=r"the segmentation demo trains upernet or mask2former, not 'segformer'"):
         segmentation_demo(model="segformer")
+
+
+def test_bf16_autocast_training_step_and_inference_are_finite() -> None:
+    m = tiny()
+    x = torch.randn(2, 3, 64, 72)
+    labels = torch.randint(0, NUM_CLASSES, (2, 64, 72))
+    labels[1] = 255
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = m(x, labels)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())  # losses in float32 under autocast
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    m.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = m(x)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()

@@ -464,8 +464,13 @@ class Mask2FormerLoss(nn.Module):
 
 def semantic_inference(cls: Tensor, masks: Tensor, size: Sequence[int]) -> Tensor:
     """Class scores ``[B, classes, *size]``: softmax class probabilities (no "no object") x sigmoid masks, summed over queries."""
-    masks = F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)
-    return torch.einsum("bqc,bqhw->bchw", cls.softmax(-1)[..., :-1], masks.sigmoid())
+    # in float32 even under autocast: a bf16 sum over the queries would round class scores into ties
+    def wide(t: Tensor) -> Tensor:
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+    with torch.autocast(masks.device.type, enabled=False):
+        masks = F.interpolate(wide(masks), size=tuple(size), mode="bilinear", align_corners=False)
+        return torch.einsum("bqc,bqhw->bchw", wide(cls).softmax(-1)[..., :-1], masks.sigmoid())
 
 
 # ---------------------------------------------------------------------------------------- model
