@@ -277,3 +277,51 @@ def test_bf16_autocast_training_step_and_inference_are_finite() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         scores = m(x)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+def _seeded_rand(seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, device=None):
+        return torch.rand(*shape, generator=g)
+
+    return rand
+
+
+def _ddp_case(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + rank)
+    cls = [torch.randn(1, 4, NUM_CLASSES + 1, generator=g)]
+    masks = [torch.randn(1, 4, 12, 16, generator=g)]
+    labels = torch.full((1, 48, 64), 255)
+    for c in range(1 + 2 * rank):  # rank 0: one class present, rank 1: three
+        labels[0, :, 16 * c:16 * (c + 1)] = c
+    return cls, masks, labels
+
+
+def _m2f_ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        losses = Mask2FormerLoss(NUM_CLASSES, num_points=32)(*_ddp_case(rank), rand=_seeded_rand(rank))
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps({k: float(v) for k, v in losses.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_mask_loss_normaliser_is_averaged_over_ddp_processes(tmp_path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_m2f_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank, own in ((0, 1), (1, 3)):  # matched masks per process; their mean over the two processes is 2
+        ddp = json.loads((tmp_path / f"{rank}.json").read_text())
+        alone = Mask2FormerLoss(NUM_CLASSES, num_points=32)(*_ddp_case(rank), rand=_seeded_rand(rank))
+        assert ddp["loss_cls"] == pytest.approx(float(alone["loss_cls"]), rel=1e-6)  # the class loss is per process
+        for k in ("loss_mask", "loss_dice"):
+            assert ddp[k] == pytest.approx(float(alone[k]) * own / 2, rel=1e-5), k
