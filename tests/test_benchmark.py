@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -293,3 +297,88 @@ def test_dense_script_commands_parse(tmp_path) -> None:
     assert parsed[0].peers == ["convnext_tiny", "swin_tiny_patch4_window7_224"]
     assert parsed[1].sizes == [(512, 512)] and parsed[1].batch_sizes == [2] and parsed[1].preset == "upernet"
     assert parsed[3].compile and parsed[4].sizes == [(512, 512), (768, 768), (1024, 1024)]
+
+
+# ----------------------------------------------------------------------------------------- busy machine
+def _cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+
+
+@needs_proc
+def test_busy_processes_burn_cpu_and_are_stopped_on_errors_and_ctrl_c() -> None:
+    with runner.busy_processes(2, 60) as procs:
+        pids = [p.pid for p in procs]
+        start = [_cpu_ticks(pid) for pid in pids]
+        time.sleep(0.6)
+        assert all(_cpu_ticks(pid) > t for pid, t in zip(pids, start)), "a busy process is not using the CPU"
+    assert all(p.returncode is not None for p in procs) and not any(_alive(pid) for pid in pids)
+    for error in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(error), runner.busy_processes(1, 60) as procs:
+            raise error()
+        assert procs[0].returncode is not None and not _alive(procs[0].pid)
+
+
+@needs_proc
+def test_busy_process_ends_when_the_benchmark_is_killed() -> None:
+    """Killed without a chance to clean up (SIGKILL), the benchmark leaves no busy process behind."""
+    code = ("import sys, time\nfrom transnext.benchmark import runner\n"
+            "with runner.busy_processes(1, 120) as procs:\n    print(procs[0].pid, flush=True)\n    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    busy = int(parent.stdout.readline())
+    assert _alive(busy)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while _alive(busy) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(busy), "the busy process outlived the killed benchmark"
+
+
+@needs_proc
+def test_busy_flag_times_every_case_quiet_and_loaded(tmp_path, capsys) -> None:
+    out = tmp_path / "busy.json"
+    rc = benchmark.main([
+        "--variants", "transnext_micro", "--sizes", "64", "--batch-sizes", "2", "--backends", "torch", "--no-reference",
+        "--modes", "infer", "--no-matmul-rate", "--no-memory-run", "--busy", "1", "--output", str(out), "--plot", "",
+        "--warmup", "0", "--repeats", "2", "--threads", "1", "--quiet",
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "loaded x quiet" in printed and "beside 1 busy-looping process" in printed and "faults/step" in printed
+    report = json.loads(out.read_text())
+    assert report["command"].endswith("--busy 1") and report["environment"]["busy"] == 1
+    (r,) = report["results"]
+    assert r["busy"] == 1 and r["busy_latency_ms"] > 0 and len(r["busy_times_ms"]) == 2 and len(r["times_ms"]) == 2
+    assert r["busy_slowdown"] == pytest.approx(r["busy_latency_ms"] / r["latency_ms"])
+    assert r["minor_faults_per_step"] >= 0 and r["busy_minor_faults_per_step"] >= 0 and r["cpu_s_per_step"] > 0
+    children = [int(p) for p in open(f"/proc/self/task/{os.getpid()}/children").read().split()]
+    assert not [c for c in children if _alive(c)], "busy processes left running"
+
+
+def test_busy_count_must_be_a_whole_number(capsys) -> None:
+    with pytest.raises(SystemExit):
+        benchmark.main(["--busy", "-1"])
+    assert "--busy: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_loaded_slowdown_against_the_peers_from_given_numbers() -> None:
+    tn = _result("transnext_tiny", "torch", 2500.0, 1000.0, 60e9, busy=1, busy_latency_ms=10000.0, busy_slowdown=4.0)
+    swin = _result("swin_tiny_patch4_window7_224", None, 1400.0, 900.0, 30e9, family="timm", busy=1,
+                   busy_latency_ms=2800.0, busy_slowdown=2.0)
+    add_peer_ratios([tn, swin])
+    q = tn["vs_peers"]["swin_tiny_patch4_window7_224"]
+    assert q["busy_slowdown"] == pytest.approx(2.0) and q["busy_time"] == pytest.approx(10000 / 2800)
+    table = format_peer_table([tn, swin])
+    assert "slowdown x peer's" in table and "3.57" in table

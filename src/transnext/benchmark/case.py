@@ -87,6 +87,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _usage() -> tuple[float, float, float]:
+    """(minor page faults, involuntary context switches, CPU seconds) of this process so far
+    (zeros where the platform has no getrusage)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a Unix
+        return 0.0, 0.0, 0.0
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return float(u.ru_minflt), float(u.ru_nivcsw), u.ru_utime + u.ru_stime
+
+
 # ----------------------------------------------------------------------------------------- matmul rate
 def matmul_rate(device: str, threads: int) -> float:
     """fp32 matrix-multiply rate in GFLOP/s (2048^2 on CPU, 8192^2 on CUDA; best of 8)."""
@@ -252,15 +263,27 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
         step()
     sync(dev)
     times = []
+    # Page faults per step: a steady-state step that reuses its memory faults few pages in; one
+    # whose large temporaries are unmapped when freed faults them in again every step. Involuntary
+    # context switches: how often the step's threads lost their core (a busy machine).
+    usage0 = _usage()
     for _ in range(max(1, job["repeats"])):
         t = time.perf_counter()
         step()
         sync(dev)
         times.append(time.perf_counter() - t)
+    usage1 = _usage()
+    steps = len(times)
+    faults, switches, cpu = ((b - a) / steps for a, b in zip(usage0, usage1))
     med = statistics.median(times)
     res = {
         "latency_ms": med * 1e3,
         "latency_min_ms": min(times) * 1e3,
+        "latency_max_ms": max(times) * 1e3,
+        "times_ms": [round(t * 1e3, 1) for t in times],
+        "minor_faults_per_step": faults,
+        "involuntary_switches_per_step": switches,
+        "cpu_s_per_step": cpu,
         "images_per_s": B / med,
         "peak_mb": peak_now(),
         "peak_reset": dev.type == "cuda" or reset,

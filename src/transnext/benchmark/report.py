@@ -43,7 +43,9 @@ def add_peer_ratios(results: list[dict[str, Any]]) -> None:
     divided by the peer's, for the peer case of the same size, batch, mode, features mode and compilation.
 
     ``time`` > 1 means transnext is slower; ``gflops_per_s`` < 1 means it does less arithmetic per
-    second (``time`` / ``macs`` is the cost per multiply-add relative to the peer).
+    second (``time`` / ``macs`` is the cost per multiply-add relative to the peer). With ``--busy``,
+    ``busy_slowdown`` is transnext's loaded / quiet time over the peer's (> 1: the load costs
+    transnext more) and ``busy_time`` the loaded times' ratio.
     """
     peers = [r for r in results if r.get("family") == "timm" and "error" not in r]
     for r in results:
@@ -60,6 +62,10 @@ def add_peer_ratios(results: list[dict[str, Any]]) -> None:
                 entry["macs"] = r["macs_per_image"] / p["macs_per_image"]
             if r.get("gflops_per_s") and p.get("gflops_per_s"):
                 entry["gflops_per_s"] = r["gflops_per_s"] / p["gflops_per_s"]
+            if r.get("busy_slowdown") and p.get("busy_slowdown"):
+                # > 1: a busy machine slows transnext down more than the peer
+                entry["busy_slowdown"] = r["busy_slowdown"] / p["busy_slowdown"]
+                entry["busy_time"] = r["busy_latency_ms"] / p["busy_latency_ms"]
             ratios[p["model"]] = entry
         if ratios:
             r["vs_peers"] = ratios
@@ -80,8 +86,12 @@ def _render(head: list[str], rows: list[list[Any]], markdown: bool) -> list[str]
 
 
 def format_table(results: list[dict[str, Any]], env: dict[str, Any], markdown: bool = False) -> str:
+    busy = any("busy" in r for r in results)
     head = ["model", "backend", "size", "pool", "batch", "mode", "compiled", "img/s", "latency ms", "peak MB", "GMACs/img",
             "GFLOP/s", "% matmul", "speed x ref", "memory x ref", "step-2 MB", "default-malloc MB", "compile s"]
+    if busy:
+        head += ["loaded ms", "loaded x quiet", "loaded max ms"]
+    head += ["faults/step"]
     rows = []
     for r in results:
         ident = [r["model"], r.get("backend") or "timm", format_size(r["size"]), r.get("fixed_pool_size") or "-", r["batch"],
@@ -100,7 +110,9 @@ def format_table(results: list[dict[str, Any]], env: dict[str, Any], markdown: b
             _num(r.get("steady_peak_mb"), ".0f"),
             _num(r.get("peak_default_mb"), ".0f"),
             _num(r.get("compile_s"), ".1f"),
-        ])
+        ] + ([_num(r.get("busy_latency_ms"), ".0f"), _num(r.get("busy_slowdown"), ".2f") if "busy_error" not in r
+              else "error: " + r["busy_error"][:40], _num(r.get("busy_latency_max_ms"), ".0f")] if busy else [])
+            + [_num(r.get("minor_faults_per_step"), ".0f")])
     lines = _render(head, rows, markdown)
     rate = env.get("matmul_gflops")
     foot = [f"device {env.get('device')} ({env.get('gpu') or env.get('processor')}), {env.get('threads')} thread(s), "
@@ -113,6 +125,10 @@ def format_table(results: list[dict[str, Any]], env: dict[str, Any], markdown: b
     if rate:
         foot.append(f"fp32 matmul rate: {rate:.1f} GFLOP/s (same threads, best of before/after the cases)")
     foot.append(f"memory: {env.get('memory_measure')}; timing: {env.get('timing')}")
+    if env.get("busy"):
+        foot.append(f"loaded: the same case again beside {env['busy']} busy-looping process(es); loaded x quiet = median "
+                    "loaded time / median quiet time")
+    foot.append("faults/step: minor page faults per timed step (memory mapped afresh each step)")
     if env.get("load_before") is not None:
         foot.append(f"load average before/after: {env.get('load_before')} / {env.get('load_after')}")
     sep = "\n\n" if markdown else "\n"
@@ -121,14 +137,16 @@ def format_table(results: list[dict[str, Any]], env: dict[str, Any], markdown: b
 
 def format_peer_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     """Every transnext case against every peer of the same settings ('' when no peer ran)."""
+    busy = any("busy_slowdown" in q for r in results for q in (r.get("vs_peers") or {}).values())
     head = ["model", "backend", "size", "batch", "mode", "compiled", "peer", "time x peer", "memory x peer",
-            "MACs x peer", "GFLOP/s x peer"]
+            "MACs x peer", "GFLOP/s x peer"] + (["loaded time x peer", "slowdown x peer's"] if busy else [])
     rows = []
     for r in results:
         for peer, q in (r.get("vs_peers") or {}).items():
             rows.append([r["model"], r.get("backend"), format_size(r["size"]), r["batch"], r["mode"],
                          "yes" if r.get("compile") else "-", peer, _num(q.get("time"), ".2f"), _num(q.get("memory"), ".2f"),
-                         _num(q.get("macs"), ".2f"), _num(q.get("gflops_per_s"), ".2f")])
+                         _num(q.get("macs"), ".2f"), _num(q.get("gflops_per_s"), ".2f")]
+                        + ([_num(q.get("busy_time"), ".2f"), _num(q.get("busy_slowdown"), ".2f")] if busy else []))
     if not rows:
         return ""
     return "\n".join(_render(head, rows, markdown))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -10,6 +11,8 @@ import platform
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--no-matmul-rate", action="store_true", help="skip measuring the fp32 matmul rate")
     how.add_argument("--no-memory-run", action="store_true",
                      help="CPU: report the timing process's RSS peak only (no second process per case)")
+    how.add_argument("--busy", type=_count, default=0, metavar="N",
+                     help="also time every case with N busy-looping processes beside it (a loaded machine: data-loader "
+                          "workers, CI, a shared server) and report loaded / quiet time; 0: quiet runs only")
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="benchmark.json", metavar="PATH", help="JSON results ('' to skip)")
     out.add_argument("--plot", default="benchmark.png", metavar="PATH", help="PNG plot ('' to skip; needs matplotlib)")
@@ -234,6 +240,50 @@ def run_subprocess(job: dict, timeout: float, extra_env: dict | None = None) -> 
     return json.loads(lines[-1])
 
 
+# A process that keeps one core busy until it is stopped, or its parent is gone (never outlives the
+# benchmark, even killed), or the deadline passes. No sleeping: a data-loader worker or a compiler
+# competes for the core the whole time.
+_BUSY_LOOP = """
+import os, sys, time
+parent, deadline = os.getppid(), time.monotonic() + float(sys.argv[1])
+while os.getppid() == parent and time.monotonic() < deadline:
+    for _ in range(200000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_processes(n: int, limit_s: float) -> Iterator[list[subprocess.Popen]]:
+    """``n`` busy-looping processes for the duration of the block (at most ``limit_s`` seconds),
+    stopped and reaped when it ends, whether normally, by an error or by Ctrl-C."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(limit_s)], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.2)  # under way (interpreter started) before the measured process starts
+        yield procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        for proc in procs:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+
+def _busy_fields(quiet: dict, loaded: dict, n: int) -> dict:
+    """The loaded run's figures beside the quiet one's: ``busy_slowdown`` = loaded / quiet median time."""
+    if "error" in loaded:
+        return {"busy": n, "busy_error": loaded["error"]}
+    out = {"busy": n, "busy_latency_ms": loaded["latency_ms"], "busy_latency_max_ms": loaded.get("latency_max_ms"),
+           "busy_times_ms": loaded.get("times_ms"), "busy_minor_faults_per_step": loaded.get("minor_faults_per_step"),
+           "busy_involuntary_switches_per_step": loaded.get("involuntary_switches_per_step")}
+    if "error" not in quiet:
+        out["busy_slowdown"] = loaded["latency_ms"] / quiet["latency_ms"]
+    return out
+
+
 def model_macs(job: dict) -> int | None:
     """Multiply-adds of one image through the case's model (meta device; see integrations.flops)."""
     try:
@@ -280,6 +330,12 @@ def run(args: argparse.Namespace) -> int:
         for i, case in enumerate(cases):
             log(f"[round {r + 1}/{args.rounds}] case {i + 1}/{len(cases)}: {label(case)} ...")
             res = dict(case, **run_subprocess(case, args.timeout))
+            if args.busy:
+                log(f"[round {r + 1}/{args.rounds}] case {i + 1}/{len(cases)}: {label(case)} beside {args.busy} busy "
+                    f"process(es) ...")
+                with busy_processes(args.busy, args.timeout + 30):
+                    loaded = run_subprocess(case, args.timeout)
+                res.update(_busy_fields(res, loaded, args.busy))
             if "error" not in res and not case["device"].startswith("cuda") and not args.no_memory_run:
                 mem = run_subprocess(dict(case, phase="memory"), args.timeout, {"MALLOC_MMAP_THRESHOLD_": "262144"})
                 res["peak_default_mb"] = res["peak_mb"]
@@ -306,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
                     res["matmul_fraction"] = res["gflops_per_s"] / env["matmul_gflops"]
     add_reference_ratios(results)
     add_peer_ratios(results)
+    env["busy"] = args.busy
     env["load_after"] = _loadavg()
     env["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     print(format_table(results, env, markdown=args.markdown))
@@ -353,6 +410,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--rounds", str(args.rounds)]
     if args.no_memory_run:
         parts.append("--no-memory-run")
+    if args.busy:
+        parts += ["--busy", str(args.busy)]
     return " ".join(parts)
 
 
@@ -378,6 +437,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         + ("" if args.no_memory_run else ", two steps with MALLOC_MMAP_THRESHOLD_=262144 (default-malloc RSS peak "
            "of the timing process in peak_default_mb)"),
         "timing": f"median of {args.repeats} after {args.warmup} warm-up iterations; best of {args.rounds} round(s)"
+        + (f"; each case also timed beside {args.busy} busy-looping process(es) (loaded x quiet = busy_slowdown)"
+           if args.busy else "")
         + ("; compiled cases: the first (compiling) call is timed apart (compile_s); their memory counts from after it "
            "(compiler's resident memory in compile_resident_mb)" if args.compile else ""),
         "flop_convention": FLOP_CONVENTION,
