@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .deformable_attention import MultiScaleDeformableAttention
 from .matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match
+from .transformer_layers import FFN, Attention, ConvGN, DeformableEncoderLayer
 
 __all__ = ["DINO", "convert_mmdet_dino", "dino_transnext", "inverse_sigmoid", "is_mmdet_dino"]
 
@@ -111,18 +112,6 @@ def sine_positional_encoding(mask: Tensor, num_feats: int, temperature: float = 
 
 
 # ---------------------------------------------------------------------- building blocks
-class ConvGN(nn.Module):
-    """Conv (no bias) + GroupNorm, no activation (the channel mapper's unit)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 32) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
-        self.gn = nn.GroupNorm(groups, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gn(self.conv(x))
-
-
 class ChannelMapper(nn.Module):
     """Every input map to ``out_channels`` (1x1 conv + GN), plus extra 3x3 stride-2 levels from the last input map."""
 
@@ -134,7 +123,7 @@ class ChannelMapper(nn.Module):
         if out_channels % groups:
             raise ValueError(f"the channel mapper's width ({out_channels}) must be divisible by its {groups} GroupNorm groups")
         self.convs = nn.ModuleList(ConvGN(c, out_channels, 1, groups=groups) for c in in_channels)
-        extra = [ConvGN(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, groups)
+        extra = [ConvGN(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, groups=groups)
                  for i in range(num_outs - len(in_channels))]
         self.extra_convs = nn.ModuleList(extra) if extra else None
         for m in self.modules():
@@ -151,33 +140,6 @@ class ChannelMapper(nn.Module):
         return outs
 
 
-class FFN(nn.Module):
-    """``x + Linear(ReLU(Linear(x)))`` with dropouts (the reference's ``ffn.layers`` layout)."""
-
-    def __init__(self, embed_dims: int, feedforward_channels: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(dropout)),
-            nn.Linear(feedforward_channels, embed_dims), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.layers(x)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with positions added to queries and keys (not values), residual inside."""
-
-    def __init__(self, embed_dims: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=dropout, batch_first=True)
-        self.proj_drop = nn.Dropout(dropout)
-
-    def forward(self, query: Tensor, query_pos: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
-        qk = query if query_pos is None else query + query_pos
-        out = self.attn(qk, qk, query, attn_mask=attn_mask, need_weights=False)[0]
-        return query + self.proj_drop(out)
-
-
 class MLP(nn.Module):
     """Linear layers with ReLU between them."""
 
@@ -192,28 +154,12 @@ class MLP(nn.Module):
         return x
 
 
-class EncoderLayer(nn.Module):
-    """Deformable self-attention over all levels, then the FFN; post-norm."""
-
-    def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points, dropout)
-        self.ffn = FFN(embed_dims, ffn_dims, dropout)
-        self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(2))
-
-    def forward(self, query: Tensor, query_pos: Tensor, key_padding_mask: Tensor | None, reference_points: Tensor,
-                spatial_shapes: list[tuple[int, int]]) -> Tensor:
-        query = self.self_attn(query, query_pos=query_pos, key_padding_mask=key_padding_mask, reference_points=reference_points,
-                               spatial_shapes=spatial_shapes)
-        return self.norms[1](self.ffn(self.norms[0](query)))
-
-
 class DeformableEncoder(nn.Module):
-    """Stack of :class:`EncoderLayer`; each pixel attends from its own centre on every level."""
+    """Stack of deformable encoder layers; each pixel attends from its own centre on every level."""
 
     def __init__(self, num_layers: int, **layer_kwargs: Any) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
 
     @staticmethod
     def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -231,7 +177,7 @@ class DeformableEncoder(nn.Module):
                 valid_ratios: Tensor) -> Tensor:
         refs = self.reference_points(spatial_shapes, valid_ratios)
         for layer in self.layers:
-            query = layer(query, query_pos, key_padding_mask, refs, spatial_shapes)
+            query = layer(query, query_pos, refs, spatial_shapes, key_padding_mask)
         return query
 
 
@@ -240,14 +186,14 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(embed_dims, num_heads, dropout)
+        self.self_attn = Attention(embed_dims, num_heads, dropout)
         self.cross_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels, num_points, dropout)
         self.ffn = FFN(embed_dims, ffn_dims, dropout)
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(3))
 
     def forward(self, query: Tensor, query_pos: Tensor, value: Tensor, key_padding_mask: Tensor | None, self_attn_mask: Tensor | None,
                 reference_points: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
-        query = self.norms[0](self.self_attn(query, query_pos, self_attn_mask))
+        query = self.norms[0](self.self_attn(query, query_pos=query_pos, attn_mask=self_attn_mask))
         query = self.cross_attn(query, value, query_pos=query_pos, key_padding_mask=key_padding_mask,
                                 reference_points=reference_points, spatial_shapes=spatial_shapes)
         return self.norms[2](self.ffn(self.norms[1](query)))

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .backbone import TransNeXtBackbone
 from .deformable_attention import MultiScaleDeformableAttention
+from .transformer_layers import FFN, Attention, ConvGN, DeformableEncoderLayer
 
 __all__ = [
     "Mask2Former",
@@ -80,67 +81,11 @@ def sine_position_encoding(height: int, width: int, num_feats: int, device: torc
     return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).to(dtype)
 
 
-class ConvGN(nn.Module):
-    """Conv + GroupNorm (+ ReLU); ``conv`` / ``gn`` are the reference's submodule names."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, relu: bool, num_groups: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.gn = nn.GroupNorm(num_groups, out_channels)
-        self.relu = relu
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.gn(self.conv(x))
-        return F.relu(x) if self.relu else x
-
-
-class FFN(nn.Module):
-    """``x + Linear(Dropout(ReLU(Linear(x))))`` with the reference's ``layers.0.0`` / ``layers.1`` names."""
-
-    def __init__(self, dims: int, hidden: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(nn.Sequential(nn.Linear(dims, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)),
-                                    nn.Linear(hidden, dims), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.layers(x)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with position terms on query and key and the residual inside (``attn`` = torch's module)."""
-
-    def __init__(self, dims: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dims, num_heads, dropout=dropout, batch_first=True)
-        self.proj_drop = nn.Dropout(dropout)
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, query_pos: Tensor | None = None, key_pos: Tensor | None = None,
-                attn_mask: Tensor | None = None) -> Tensor:
-        q = query if query_pos is None else query + query_pos
-        k = key if key_pos is None else key + key_pos
-        out = self.attn(q, k, value, attn_mask=attn_mask, need_weights=False)[0]
-        return query + self.proj_drop(out)
-
-
 # ---------------------------------------------------------------------------------------- pixel decoder
-class PixelDecoderLayer(nn.Module):
-    """Deformable self-attention over the flattened levels, then FFN; post-norm."""
-
-    def __init__(self, dims: int, num_heads: int, num_levels: int, num_points: int, ffn_dims: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(dims, num_heads, num_levels, num_points, dropout=dropout, batch_first=True)
-        self.ffn = FFN(dims, ffn_dims, dropout)
-        self.norms = nn.ModuleList(nn.LayerNorm(dims) for _ in range(2))
-
-    def forward(self, x: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-        x = self.norms[0](self.self_attn(x, value=x, query_pos=pos, reference_points=reference_points, spatial_shapes=shapes))
-        return self.norms[1](self.ffn(x))
-
-
 class PixelDecoderEncoder(nn.Module):
     def __init__(self, num_layers: int, **layer_kwargs: Any) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(PixelDecoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
 
     def forward(self, x: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         for layer in self.layers:
@@ -186,15 +131,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_inputs, self.num_levels = len(in_channels), num_levels
         self.feat_channels = feat_channels
         # coarsest first
-        self.input_convs = nn.ModuleList(ConvGN(in_channels[i], feat_channels, 1, True, False, num_groups)
+        self.input_convs = nn.ModuleList(ConvGN(in_channels[i], feat_channels, 1, bias=True, groups=num_groups)
                                          for i in range(self.num_inputs - 1, self.num_inputs - num_levels - 1, -1))
-        self.encoder = PixelDecoderEncoder(num_layers, dims=feat_channels, num_heads=num_heads, num_levels=num_levels,
+        self.encoder = PixelDecoderEncoder(num_layers, embed_dims=feat_channels, num_heads=num_heads, num_levels=num_levels,
                                            num_points=num_points, ffn_dims=ffn_dims, dropout=dropout)
         self.level_encoding = nn.Embedding(num_levels, feat_channels)
         # the maps below the encoder's levels, coarsest first as in the reference (index i = input map i)
         finer = range(self.num_inputs - num_levels - 1, -1, -1)
-        self.lateral_convs = nn.ModuleList(ConvGN(in_channels[i], feat_channels, 1, False, False, num_groups) for i in finer)
-        self.output_convs = nn.ModuleList(ConvGN(feat_channels, feat_channels, 3, False, True, num_groups) for _ in finer)
+        self.lateral_convs = nn.ModuleList(ConvGN(in_channels[i], feat_channels, 1, groups=num_groups) for i in finer)
+        self.output_convs = nn.ModuleList(ConvGN(feat_channels, feat_channels, 3, relu=True, groups=num_groups) for _ in finer)
         self.mask_feature = nn.Conv2d(feat_channels, out_channels, 1)
         self.reset_parameters()
 
@@ -253,7 +198,7 @@ class Mask2FormerDecoderLayer(nn.Module):
 
     def forward(self, query: Tensor, memory: Tensor, query_pos: Tensor, memory_pos: Tensor, attn_mask: Tensor | None) -> Tensor:
         query = self.norms[0](self.cross_attn(query, memory, memory, query_pos, memory_pos, attn_mask))
-        query = self.norms[1](self.self_attn(query, query, query, query_pos, query_pos))
+        query = self.norms[1](self.self_attn(query, query_pos=query_pos))
         return self.norms[2](self.ffn(query))
 
 
