@@ -29,7 +29,11 @@ def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
     values = cost.detach().to("cpu", torch.float64)
     if not torch.isfinite(values).all():
         raise ValueError("the cost matrix holds NaN or infinite values (the predictions were not finite)")
-    from scipy.optimize import linear_sum_assignment
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("DINO and Mask2Former match predictions to targets with SciPy: "
+                          "pip install 'transnext-pytorch[dense]'") from e
 
     rows, cols = linear_sum_assignment(values.numpy())
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
