@@ -377,11 +377,11 @@ def test_mmdet_dino_checkpoint_layout_converts_and_loads():
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from transnext.dense.dino import _mean_over_processes
+    from transnext.dense.matching import mean_over_processes
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        value = _mean_over_processes(float(2 * rank + 1), torch.device("cpu"))  # 1 and 3
+        value = mean_over_processes(float(2 * rank + 1), torch.device("cpu"))  # 1 and 3
         (Path(out_dir) / f"{rank}.txt").write_text(repr(value))
     finally:
         dist.destroy_process_group()

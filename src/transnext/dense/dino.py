@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .deformable_attention import MultiScaleDeformableAttention
-from .matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match
+from .matching import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match, mean_over_processes
 from .transformer_layers import FFN, Attention, ConvGN, DeformableEncoderLayer
 
 __all__ = ["DINO", "convert_mmdet_dino", "dino_transnext", "inverse_sigmoid", "is_mmdet_dino"]
@@ -57,17 +57,6 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # the reference multi-scale training resize (shorter side; longer side <= 1333) and the test size
 TRAIN_MIN_SIZES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 _F32_EPS = torch.finfo(torch.float32).eps
-
-
-def _mean_over_processes(value: float, device: torch.device) -> float:
-    """``value`` averaged over the processes of an initialised process group (itself otherwise)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -370,7 +359,7 @@ class SetCriterion(nn.Module):
 
         The normaliser is the number of matched queries, averaged over the processes of a DDP run as the reference does
         (every process calls this the same number of times per step)."""
-        avg = max(_mean_over_processes(float(num_pos), logits.device), 1.0)
+        avg = max(mean_over_processes(float(num_pos), logits.device), 1.0)
         if len(logits) == 0:
             zero = logits.sum() * 0.0 + boxes.sum() * 0.0
             return zero, zero, zero

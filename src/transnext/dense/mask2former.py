@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .backbone import TransNeXtBackbone
 from .deformable_attention import MultiScaleDeformableAttention
+from .matching import hungarian_match, mean_over_processes
 from .transformer_layers import FFN, Attention, ConvGN, DeformableEncoderLayer
 
 __all__ = [
@@ -312,16 +313,6 @@ def semantic_to_instances(label: Tensor, num_classes: int, ignore_index: int = 2
     return classes, label[None] == classes[:, None, None]
 
 
-def _reduce_mean(value: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
-
-
 class Mask2FormerLoss(nn.Module):
     """Hungarian matching + class / mask / dice losses for every decoder output (the reference's weights and sampling)."""
 
@@ -340,8 +331,6 @@ class Mask2FormerLoss(nn.Module):
     @torch.no_grad()
     def match(self, cls: Tensor, masks: Tensor, gt_labels: Tensor, gt_masks: Tensor, rand: RandFn = torch.rand) -> tuple[Tensor, Tensor]:
         """``(query indices, gt indices)`` of one image, sorted by query, minimising the point-sampled cost."""
-        from .matching import hungarian_match
-
         pts = rand(1, self.num_points, 2, device=cls.device).to(masks.dtype)  # drawn even without targets: one stream
         if gt_labels.numel() == 0:
             empty = torch.zeros(0, dtype=torch.long, device=cls.device)
@@ -375,7 +364,7 @@ class Mask2FormerLoss(nn.Module):
         pred = torch.cat(picked, 0)
         # the reference's normaliser: matched masks per image, at least 1 per image, averaged over processes
         per_image = sum(max(min(t[0].numel(), num_queries), 1) for t in targets)
-        num_masks = max(float(_reduce_mean(cls.new_tensor(float(per_image)))), 1.0)
+        num_masks = max(mean_over_processes(float(per_image), cls.device), 1.0)
         if pred.shape[0] == 0:  # nothing to match: zero with a graph
             return loss_cls, masks[:0].sum(), masks[:0].sum()
         gt = torch.cat(target_masks, 0)

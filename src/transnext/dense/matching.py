@@ -11,7 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "hungarian_match"]
+__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "hungarian_match", "mean_over_processes"]
+
+
+def mean_over_processes(value: float, device: torch.device) -> float:
+    """``value`` averaged over the processes of an initialised process group (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
 def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
