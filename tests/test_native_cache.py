@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, TESTS)
 from test_ops import aa_inputs, run_aa
 from transnext.ops import native
-importlib.import_module("transnext.ops").policy(whole_logits_bytes=0).__enter__()  # always the blocked kernel
+blocked_only = importlib.import_module("transnext.ops").policy(whole_logits_bytes=0)  # always the blocked kernel
+blocked_only.__enter__()  # kept referenced: a collected context manager would undo the budget
 calls = []
 real = native.aggregated_attention_forward
 native.aggregated_attention_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
